@@ -1,0 +1,156 @@
+"""One typed Config for every model of the GPT and Qwen lines.
+
+Families differ only by the fields below (norm kind, MLP kind, parallel residual, kv heads, qk-norm,
+biases, rotary fraction and style, local windows, experts); `model.py` reads nothing else. Derived fields
+are filled in `__post_init__`, and a Config round-trips through JSON (`to_dict` / `from_dict`).
+The table of named presets lives in `presets.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gptlab.errors import GptlabError
+
+Norm = Literal["layernorm", "rmsnorm"]
+MLPKind = Literal["mlp", "glu", "moe"]
+Activation = Literal["gelu_new", "gelu", "relu", "silu"]
+Positions = Literal["learned", "rotary"]
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    hf_repo: str | None = None  # the Hugging Face repo this preset corresponds to, when one exists
+    model_type: str = "gpt2"  # HF `model_type`; picks the weight-name map used to load and save
+
+    # sizes
+    vocab_size: int = 50257
+    block_size: int = 1024  # context length (n_positions / max_position_embeddings)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # grouped-query attention; None -> n_head (MHA), 1 -> MQA
+    head_dim: int | None = None  # None -> n_embd // n_head (Qwen3 sets it independently)
+    intermediate_size: int | None = None  # None -> 4 * n_embd
+
+    # block layout
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    post_norm: bool = False  # GPT-1: x = norm(x + f(x)) instead of x + f(norm(x))
+    final_norm: bool = True  # GPT-1 has no final norm
+    parallel_residual: bool = False  # GPT-J / NeoX: x + attn(norm1(x)) + mlp(norm2(x))
+    shared_norm: bool = False  # GPT-J: one norm feeds both branches of the parallel block
+
+    # attention
+    qkv_bias: bool = True
+    attn_out_bias: bool = True
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
+    scale_attn: bool = True  # GPT-Neo does not divide scores by sqrt(head_dim)
+    # per-layer local attention window in tokens, 0 = global (GPT-3's dense/local pattern, GPT-Neo,
+    # Qwen sliding window); empty = every layer global
+    layer_windows: list[int] = field(default_factory=list)
+
+    # positions
+    positions: Positions = "learned"
+    rotary_fraction: float = 1.0  # share of each head's dims that rotate (Pythia 0.25, GPT-J 64/256)
+    rotary_interleaved: bool = False  # GPT-J rotates pairs (x0,x1),(x2,x3)..; NeoX/Qwen rotate halves
+    rope_theta: float = 10000.0
+
+    # MLP
+    mlp: MLPKind = "mlp"
+    activation: Activation = "gelu_new"
+    mlp_bias: bool = True
+
+    # mixture of experts (mlp == "moe")
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert with a sigmoid gate
+    dense_layers: list[int] = field(default_factory=list)  # layers that use a dense MLP instead
+
+    # output head
+    tie_embeddings: bool = True
+    lm_head_bias: bool = False  # GPT-J
+
+    # training
+    dropout: float = 0.0  # embedding, attention and residual dropout (0 for pretraining, as nanoGPT)
+    init_std: float = 0.02
+
+    # special tokens (kept for generation and saving)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise GptlabError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim")
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        if self.n_head % self.n_kv_head:
+            raise GptlabError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.layer_windows and len(self.layer_windows) != self.n_layer:
+            raise GptlabError(f"layer_windows has {len(self.layer_windows)} entries for {self.n_layer} layers")
+        if self.mlp == "moe" and not (0 < self.n_expert_per_token <= self.n_expert):
+            raise GptlabError("a mixture-of-experts config needs 0 < n_expert_per_token <= n_expert")
+        if self.positions == "rotary" and self.rotary_dim % 2:
+            raise GptlabError(f"rotary_fraction={self.rotary_fraction} gives an odd rotary dim {self.rotary_dim}")
+        for name in ("norm", "mlp", "activation", "positions"):
+            allowed = _choices(name)
+            if getattr(self, name) not in allowed:
+                raise GptlabError(f"config field {name}={getattr(self, name)!r} is not one of {allowed}")
+
+    # ---- derived ----
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction) if self.positions == "rotary" else 0
+
+    @property
+    def qkv_dim(self) -> int:
+        return (self.n_head + 2 * self.n_kv_head) * self.head_dim
+
+    def window(self, layer: int) -> int:
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.mlp == "moe" and layer not in self.dense_layers
+
+    # ---- serialisation ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise GptlabError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        from gptlab.presets import PRESETS
+
+        if name not in PRESETS:
+            raise GptlabError(f"unknown preset {name!r}; `gptlab models` lists them")
+        return cls.from_dict({**PRESETS[name], "name": name, **overrides})
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    hint = {"norm": Norm, "mlp": MLPKind, "activation": Activation, "positions": Positions}[name]
+    return hint.__args__
