@@ -575,8 +575,18 @@ def load(
     return model.eval()
 
 
-def save(model, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files); atomically replaces an existing dir."""
+def save(
+    model,
+    path: str | os.PathLike,
+    tokenizer=None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files); atomically replaces an existing dir.
+
+    extra_tensors / extra_config: added to the checkpoint as they are (HF names), e.g. a classification
+    head's `score.weight` with `architectures` and `id2label`.
+    """
     from safetensors.torch import save_file
 
     config = model.config
@@ -587,6 +597,8 @@ def save(model, path: str | os.PathLike, tokenizer=None) -> Path:
     dtype = model.wte.weight.dtype
     hf_config = config_to_hf(config, dtype)
     tensors = {k: v.to("cpu").contiguous() for k, v in ours_to_hf(config, state).items()}
+    tensors.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
+    hf_config.update(extra_config or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -354,8 +354,8 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
 
-    def save(self, path: str | Path, tokenizer=None) -> Path:
+    def save(self, path: str | Path, tokenizer=None, **extra) -> Path:
         """Write a Hugging Face-format model dir (config.json + model.safetensors [+ tokenizer])."""
         from gptlab.hf import save
 
-        return save(self, path, tokenizer=tokenizer)
+        return save(self, path, tokenizer=tokenizer, **extra)
