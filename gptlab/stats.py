@@ -1,7 +1,7 @@
 """Size and cost of a Config without weights: parameter counts, FLOPs per token, memory, MFU.
 
-Parameters are counted exactly by building the model on the meta device (no memory is allocated), so the
-count is the model's own and follows every Config field, tied embeddings included.
+Parameters are counted exactly by building the model's modules on the meta device (no memory is
+allocated), so the count is the model's own and follows every Config field, tied embeddings included.
 
 FLOPs follow the PaLM paper's appendix B (Chowdhery et al. 2022), the estimate nanoGPT's `estimate_mfu`
 uses: a matmul with N weights costs 2N FLOPs per token forward, and attention adds
@@ -41,24 +41,33 @@ def _key(config: Config) -> str:
 
 @lru_cache(maxsize=256)
 def _count(key: str) -> tuple[tuple[str, int], ...]:
-    from gptlab.model import GPT, MoE
+    from gptlab.model import GPT, Block, MoE
 
     config = Config.from_dict(json.loads(key))
+    # Layers differ in parameters only by MoE vs dense MLP (windows add none), so the model is built on the
+    # meta device as its shell (embeddings, final norm, head) plus one block of each kind, counted per layer:
+    # exact, and fast even for a 94-layer, 128-expert config. test_presets checks it against whole builds.
     with torch.device("meta"):
-        model = GPT(config)
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    embedding = model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
+        shell = GPT(config.replace(n_layer=0, layer_windows=[], dense_layers=[]))
+        kinds = {config.is_moe_layer(i) for i in range(config.n_layer)}
+        blocks = {moe: Block(config, next(i for i in range(config.n_layer) if config.is_moe_layer(i) == moe))
+                  for moe in kinds}
+    per_kind = {moe: sum(p.numel() for p in b.parameters()) for moe, b in blocks.items()}
+    inactive_kind = {moe: 0 for moe in kinds}
+    for moe, block in blocks.items():
+        if isinstance(block.mlp, MoE):
+            experts = block.mlp.gate_up.numel() + block.mlp.down.numel()
+            inactive_kind[moe] = experts * (config.n_expert - config.n_expert_per_token) // config.n_expert
+    layer_kinds = [config.is_moe_layer(i) for i in range(config.n_layer)]
+    total = sum(p.numel() for p in shell.parameters()) + sum(per_kind[k] for k in layer_kinds)  # tied head once
+    inactive = sum(inactive_kind[k] for k in layer_kinds)
+    embedding = shell.wte.weight.numel() + (shell.wpe.weight.numel() if shell.wpe is not None else 0)
     if not config.tie_embeddings:
-        embedding += model.lm_head.weight.numel()
-    inactive = 0
-    for module in model.modules():
-        if isinstance(module, MoE):
-            experts = module.gate_up.numel() + module.down.numel()
-            inactive += experts * (config.n_expert - config.n_expert_per_token) // config.n_expert
+        embedding += shell.lm_head.weight.numel()
     active = total - inactive
     counts = dict(
         total=total, embedding=embedding, non_embedding=total - embedding, active=active,
-        active_non_embedding=active - embedding, head=model.lm_head.weight.numel(),
+        active_non_embedding=active - embedding, head=shell.lm_head.weight.numel(),
     )
     return tuple(counts.items())
 

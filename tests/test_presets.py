@@ -169,6 +169,23 @@ def test_flops_match_nanogpt_estimate_for_gpt2():
     assert flops_per_token(c, T, training=True) == 3 * flops_per_token(c, T)
 
 
+@pytest.mark.parametrize("name, overrides", [
+    ("gpt2", {}), ("openai-gpt", {}), ("gpt-j-6b", {"n_layer": 3}), ("gpt-neo-125m", {}),
+    ("qwen3-30b-a3b", {"n_layer": 5, "dense_layers": [1, 4]}),  # MoE and dense layers mixed
+])
+def test_count_params_equals_a_whole_model_build(name, overrides):
+    """count_params builds one block per layer kind; the whole model on the meta device agrees."""
+    from gptlab.model import GPT
+
+    config = Config.from_name(name, **overrides)
+    with torch.device("meta"):
+        model = GPT(config)
+    counts = count_params(config)
+    assert counts["total"] == model.num_params()
+    assert counts["total"] - counts["embedding"] == model.num_params(exclude_embeddings=True) - (
+        0 if config.tie_embeddings else model.lm_head.weight.numel())
+
+
 def test_moe_active_params_count_only_the_routed_experts():
     c = Config.from_name("qwen3-30b-a3b")
     counts = count_params(c)
