@@ -1,0 +1,241 @@
+"""`gptlab models` (the preset table) and `gptlab info MODEL` (a preset, model dir or hub id, without weights).
+
+Every number printed is computed from a Config (`gptlab.stats`), so the table cannot drift from the presets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab.cli import command
+from gptlab.config import Config
+from gptlab.errors import GptlabError
+from gptlab.presets import FAMILIES, PRESETS
+from gptlab.stats import count_params, human, human_bytes, kv_cache_bytes, weight_bytes
+
+# files `gptlab info` fetches for a hub id: the config and tokenizer metadata, never the weights
+_HUB_INFO_PATTERNS = ["config.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                      "model.safetensors.index.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# describing a Config in a few words
+
+
+def context_str(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def heads_str(c: Config) -> str:
+    return str(c.n_head) if c.n_kv_head == c.n_head else f"{c.n_head}/{c.n_kv_head}"
+
+
+def positions_str(c: Config, theta: bool = False) -> str:
+    if c.positions == "learned":
+        return "learned"
+    parts = ["rope"]
+    if c.rotary_fraction != 1.0:
+        parts.append(f"{c.rotary_fraction:.0%}")
+    if c.rotary_interleaved:
+        parts.append("interleaved")
+    if theta:
+        parts.append(f"theta {c.rope_theta:.0f}" if c.rope_theta.is_integer() else f"theta {c.rope_theta:g}")
+    return " ".join(parts)
+
+
+def norm_str(c: Config) -> str:
+    parts = [c.norm]
+    if c.post_norm:
+        parts.append("post")
+    if c.parallel_residual:
+        parts.append("parallel")
+    if c.qk_norm:
+        parts.append("qk-norm")
+    return " ".join(parts)
+
+
+def mlp_str(c: Config) -> str:
+    if c.mlp == "moe":
+        return f"moe {c.n_expert_per_token}/{c.n_expert}"
+    if c.mlp == "glu":
+        return {"silu": "swiglu", "gelu": "geglu", "gelu_new": "geglu"}.get(c.activation, f"glu {c.activation}")
+    return c.activation
+
+
+def params_str(c: Config) -> str:
+    counts = count_params(c)
+    total = human(counts["total"])
+    return f"{total} ({human(counts['active'])} active)" if counts["active"] != counts["total"] else total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gptlab models
+
+
+def table(rows: list[list[str]], right: set[int]) -> str:
+    """Plain aligned columns; column indices in `right` are right-aligned (numbers)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@command("models")
+def models(family: str | None = None) -> None:
+    """List the named model presets (usable wherever a Config is named, e.g. `Config.from_name`).
+
+    Parameters are exact counts of the built model (total, and active per token for mixture-of-experts);
+    weights is their size in bfloat16. heads is query heads / key-value heads where they differ.
+
+    Args:
+        family: show only this family (e.g. gpt2, pythia, qwen3) or HF model_type (e.g. gpt_neox).
+    """
+    names = list(PRESETS)
+    if family is not None:
+        names = [n for n in names if family in (FAMILIES[n], PRESETS[n].get("model_type"))]
+        if not names:
+            known = sorted(set(FAMILIES.values()) | {p["model_type"] for p in PRESETS.values()})
+            raise GptlabError(f"no presets of family {family!r} (families: {', '.join(known)})")
+    header = ["name", "family", "model_type", "params", "layers", "width", "heads", "context", "positions", "norm",
+              "mlp", "weights", "hf repo"]
+    rows = [header]
+    for name in names:
+        c = Config.from_name(name)
+        rows.append([
+            name, FAMILIES[name], c.model_type, params_str(c), str(c.n_layer), str(c.n_embd), heads_str(c),
+            context_str(c.block_size), positions_str(c), norm_str(c), mlp_str(c),
+            human_bytes(weight_bytes(c, torch.bfloat16)), c.hf_repo or "-",
+        ])
+    print(table(rows, right={3, 4, 5, 6, 7, 11}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gptlab info
+
+
+def _hub_dir(repo_id: str) -> Path:
+    """Config and tokenizer metadata of a hub repo (no weights), like `gptlab.hf.resolve` otherwise."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_INFO_PATTERNS))
+    except Exception as e:  # offline, unknown or gated repo: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptlabError(f"no local directory {repo_id!r}, and fetching its config.json from the Hugging Face Hub "
+                          f"failed ({reason[:160]})") from None
+
+
+def _locate(model: str) -> tuple[str, Path | None]:
+    """('preset', None) or ('dir', path): a local dir wins over a preset of the same name."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        from gptlab.hf import resolve
+
+        return "dir", resolve(p)
+    if model in PRESETS:
+        return "preset", None
+    if p.exists():
+        raise GptlabError(f"{model} is a file; pass the model directory that holds config.json")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise GptlabError(f"model directory {model} does not exist")
+    if "/" not in model:
+        raise GptlabError(f"{model!r} is neither a model directory nor a preset; `gptlab models` lists the presets")
+    return "dir", _hub_dir(model)
+
+
+def _checkpoint_dtype(path: Path) -> str:
+    raw = json.loads((path / "config.json").read_text())
+    return raw.get("dtype") or raw.get("torch_dtype") or "float32"  # transformers' default when absent
+
+
+def _tokenizer_str(path: Path) -> str:
+    cfg: dict[str, Any] = {}
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "tokenizer_config.json is not valid JSON"
+    if (path / "tokenizer.json").is_file():
+        kind = "tokenizer.json"
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        kind = "vocab.json + merges.txt"
+    elif cfg:
+        kind = "tokenizer_config.json only (tokenizer files not fetched)"
+    else:
+        return "none"
+    template = bool(cfg.get("chat_template")) or (path / "chat_template.jinja").is_file()
+    return f"{kind}, {'with' if template else 'no'} chat template"
+
+
+def _weights_str(path: Path) -> str:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return f"{len(files)} safetensors file(s), {human_bytes(sum(f.stat().st_size for f in files))} on disk"
+    if (path / "model.safetensors.index.json").is_file():
+        return "sharded safetensors (not downloaded)"
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        return "pickled .bin/.pt only (gptlab loads safetensors; convert them first)"
+    return "none"
+
+
+@command("info")
+def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
+    """Describe a model without loading its weights: family, size, context, dtype, memory, tokenizer.
+
+    Memory is estimated for the weights in the checkpoint's dtype (config.json `dtype`; bfloat16 for a
+    preset) and for a static KV cache of batch_size rows at seq_len tokens (default: the full context).
+
+    Args:
+        model: a model directory (config.json), a hub id (org/name; only config and tokenizer metadata are
+            fetched) or a preset name from `gptlab models`.
+        seq_len: tokens per row for the KV-cache estimate (default: the model's context).
+        batch_size: rows for the KV-cache estimate.
+    """
+    from gptlab.hf import parse_dtype, read_config
+
+    kind, path = _locate(model)
+    if path is None:
+        config, dtype_name = Config.from_name(model), "bfloat16"
+    else:
+        config, dtype_name = read_config(path), _checkpoint_dtype(path)
+    dtype = parse_dtype(dtype_name)
+    seq = config.block_size if seq_len is None else seq_len
+    if seq < 1 or batch_size < 1:
+        raise GptlabError("seq_len and batch_size must be >= 1")
+    counts = count_params(config)
+    c = config
+    lines: list[tuple[str, str]] = [("model", model if kind == "preset" else str(path))]
+    if kind == "preset":
+        lines.append(("preset", f"{FAMILIES[model]} family; hf repo {c.hf_repo or '- (architecture only)'}"))
+    lines += [
+        ("model_type", c.model_type),
+        ("parameters", f"{counts['total']:,} ({human(counts['total'])}); non-embedding "
+                       f"{human(counts['non_embedding'])}" + ("" if c.tie_embeddings else "; untied lm_head")),
+    ]
+    if counts["active"] != counts["total"]:
+        lines.append(("active", f"{counts['active']:,} ({human(counts['active'])}) per token: "
+                                f"{c.n_expert_per_token} of {c.n_expert} experts"))
+    lines += [
+        ("layers", f"{c.n_layer} x width {c.n_embd}, heads {heads_str(c)}, head dim {c.head_dim}"),
+        ("context", f"{c.block_size:,} tokens"),
+        ("positions", positions_str(c, theta=True)),
+        ("norm", f"{norm_str(c)}, eps {c.norm_eps:g}"),
+        ("mlp", f"{mlp_str(c)}, hidden {c.moe_intermediate_size if c.mlp == 'moe' else c.intermediate_size}"),
+        ("vocab", f"{c.vocab_size:,}"),
+        ("dtype", dtype_name + (" (assumed for a preset)" if kind == "preset" else "")),
+        ("weights", f"{human_bytes(weight_bytes(c, dtype))} in {dtype_name}"),
+        ("kv cache", f"{human_bytes(kv_cache_bytes(c, seq, batch_size, dtype))} for {batch_size} x {seq:,} tokens "
+                     f"in {dtype_name}"),
+    ]
+    if path is not None:
+        lines += [("tokenizer", _tokenizer_str(path)), ("files", _weights_str(path))]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k.ljust(width)}  {v}")

@@ -1,0 +1,209 @@
+"""CLI commands that describe and talk to models: `gptlab models`, `gptlab info`, `gptlab chat`."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+
+import gptlab
+from gptlab.cli import main
+from gptlab.presets import FAMILIES, PRESETS
+from gptlab.stats import count_params
+from tests.conftest import make_hf_model, save_hf_model
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gptlab models / info
+
+
+def test_models_lists_every_preset_once(capsys):
+    rc, out, err = run(capsys, "models")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["name", "family", "model_type", "params"]
+    assert [line.split()[0] for line in lines[2:]] == list(PRESETS)
+    moe = next(line for line in lines if line.startswith("qwen3-30b-a3b "))
+    assert "30.5B (3.4B active)" in moe and "32/4" in moe and "moe 8/128" in moe
+
+
+def test_models_family_filter(capsys):
+    rc, out, _ = run(capsys, "models", "--family", "pythia")
+    assert rc == 0
+    assert [line.split()[0] for line in out.splitlines()[2:]] == [n for n in PRESETS if FAMILIES[n] == "pythia"]
+    rc, out, _ = run(capsys, "models", "--family", "gpt_neox")  # an HF model_type works too
+    assert {line.split()[0] for line in out.splitlines()[2:]} == {"gpt-neox-20b"} | {n for n in PRESETS if "pythia" in n}
+    rc, out, err = run(capsys, "models", "--family", "llama")
+    assert rc == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: no presets of family 'llama'")
+
+
+def _fields(out: str) -> dict[str, str]:
+    """`info` prints "key   value" lines; keys may hold one space ("kv cache"), the gap has two or more."""
+    return dict(re.fullmatch(r"(\S+(?: \S+)*)\s{2,}(.*)", line).groups() for line in out.splitlines())
+
+
+def test_info_preset(capsys):
+    rc, out, err = run(capsys, "info", "gpt2")
+    assert rc == 0 and err == ""
+    f = _fields(out)
+    assert f["parameters"].startswith("124,439,808 ")
+    assert f["context"] == "1,024 tokens" and f["vocab"] == "50,257"
+    # bf16 weights; KV cache = 2 (k, v) x 12 layers x 768 x 1024 tokens x 2 bytes = 36 MiB
+    assert f["weights"] == "237.4 MiB in bfloat16"
+    assert f["kv cache"] == "36.0 MiB for 1 x 1,024 tokens in bfloat16"
+
+
+def test_info_model_dir_reads_config_not_weights(capsys, tiny_gpt2_dir):
+    rc, out, _ = run(capsys, "info", str(tiny_gpt2_dir))
+    assert rc == 0
+    f = _fields(out)
+    n = gptlab.load(tiny_gpt2_dir).num_params()
+    assert f["parameters"].startswith(f"{n:,} ")
+    assert f["dtype"] == "float32"
+    assert f["tokenizer"] == "tokenizer.json, no chat template"
+    assert f["files"].startswith("1 safetensors file(s)")
+
+
+def test_info_needs_only_config_json(capsys, tmp_path):
+    config = make_hf_model("qwen3").config.to_dict()
+    config["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rc, out, _ = run(capsys, "info", str(tmp_path))
+    assert rc == 0
+    f = _fields(out)
+    c = gptlab.hf.read_config(tmp_path)
+    assert f["parameters"].startswith(f"{count_params(c)['total']:,} ")
+    assert f["weights"].endswith("in bfloat16") and f["files"] == "none" and f["tokenizer"] == "none"
+
+
+@pytest.mark.parametrize("arg", ["./no-such-dir", "/no/such/model/dir", "not-a-preset"])
+def test_info_missing_model_is_one_line_error(capsys, tmp_path, arg):
+    rc, out, err = run(capsys, "info", arg)
+    assert rc == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gptlab chat
+
+# a ChatML template with a default system message, as Qwen's templates have
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, corpus_text):
+    """A tiny random Qwen2 model whose tokenizer knows <|im_start|>/<|im_end|> and has a ChatML template."""
+    from gptlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([corpus_text[:50_000]], vocab_size=400, show_progress=False,
+                          special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHATML
+    model = make_hf_model("qwen2", vocab_size=tok.vocab_size, max_position_embeddings=512, eos_token_id=0)
+    return save_hf_model(model, tmp_path_factory.mktemp("tiny-chat"), tok)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Record each prompt chat sends to generate, and the reply it got back."""
+    import gptlab.chat
+    from gptlab.generate import generate
+
+    calls: list[dict] = []
+
+    def recording_generate(model, tok, prompt, **kw):
+        call = {"prompt": prompt, "reply": "", "stop": kw.get("stop")}
+        calls.append(call)
+        for piece in generate(model, tok, prompt, **kw):
+            call["reply"] += piece
+            yield piece
+
+    monkeypatch.setattr(gptlab.chat, "generate", recording_generate)
+    return calls
+
+
+def _hf_render(path, messages):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_renders_like_transformers_and_keeps_history(capsys, monkeypatch, chat_dir, recorded):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/reset\nWhat is a tuple?\n\nAnd a list?\n"))
+    rc, out, _ = run(capsys, "chat", str(chat_dir), "--temperature", "0", "--max-new-tokens", "6")
+    assert rc == 0  # end of input ends the chat cleanly
+    assert len(recorded) == 3  # the empty line and /reset are not messages
+    first, second, third = recorded
+    assert first["prompt"] == _hf_render(chat_dir, [{"role": "user", "content": "Hello there"}])
+    # /reset forgot the first exchange
+    assert second["prompt"] == _hf_render(chat_dir, [{"role": "user", "content": "What is a tuple?"}])
+    assert third["prompt"] == _hf_render(chat_dir, [
+        {"role": "user", "content": "What is a tuple?"},
+        {"role": "assistant", "content": second["reply"].strip()},
+        {"role": "user", "content": "And a list?"},
+    ])
+    assert first["stop"] == ["<|im_end|>"]  # the template's end-of-turn marker ends a reply
+    assert out == "".join(call["reply"] + "\n" for call in recorded)
+
+
+def test_chat_system_message_and_template_args(capsys, monkeypatch, chat_dir, recorded):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    rc, _, _ = run(capsys, "chat", str(chat_dir), "--system", "Be brief.", "--temperature", "0",
+                   "--max-new-tokens", "2", "--template-arg", "unused_flag=false")
+    assert rc == 0
+    assert recorded[0]["prompt"] == _hf_render(chat_dir, [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "Hi"}])
+
+
+def test_chat_ends_at_eof_and_exit(capsys, monkeypatch, chat_dir, recorded):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert run(capsys, "chat", str(chat_dir))[:2] == (0, "")
+    monkeypatch.setattr("sys.stdin", io.StringIO("/exit\nnever sent\n"))
+    assert run(capsys, "chat", str(chat_dir))[:2] == (0, "")
+    assert recorded == []
+
+
+def test_chat_without_template_needs_plain(capsys, monkeypatch, tiny_gpt2_dir, recorded):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    rc, out, err = run(capsys, "chat", str(tiny_gpt2_dir))
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "--plain" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n"))
+    rc, _, _ = run(capsys, "chat", str(tiny_gpt2_dir), "--plain", "--temperature", "0", "--max-new-tokens", "3")
+    assert rc == 0
+    assert recorded[0]["prompt"] == "User: Hello\nAssistant:"
+    assert recorded[1]["prompt"] == f"User: Hello\nAssistant: {recorded[0]['reply'].strip()}\nUser: Again\nAssistant:"
+    assert recorded[0]["stop"] == ["\nUser:"]
+
+
+def test_chat_drops_oldest_exchanges_to_fit_the_context(chat_dir):
+    from gptlab.chat import Chat
+
+    model, tok = gptlab.load(chat_dir), gptlab.load_tokenizer(chat_dir)
+    model.config.block_size = 250  # holds about two of the six exchanges below
+    chat = Chat(model, tok, system="S", max_new_tokens=20)
+    for i in range(6):
+        chat.messages += [{"role": "user", "content": f"question {i} " * 5},
+                          {"role": "assistant", "content": f"answer {i} " * 5}]
+    chat.messages.append({"role": "user", "content": "last"})
+    prompt = chat._fit()
+    assert len(tok.encode(prompt)) + 20 <= 250
+    assert chat.messages[0] == {"role": "system", "content": "S"}
+    assert chat.messages[-1] == {"role": "user", "content": "last"}
+    kept = [m["content"] for m in chat.messages[1:-1]]
+    assert kept and kept[-1] == "answer 5 " * 5  # the newest exchanges stay, the oldest went
+    assert len(kept) % 2 == 0 and "question 0 " * 5 not in kept
