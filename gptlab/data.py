@@ -1,0 +1,492 @@
+"""Corpora -> token shards on disk, and the numbered batch sources the trainer reads.
+
+`gptlab prepare CORPUS --tokenizer T -o DATA` streams text through a tokenizer into:
+
+    DATA/manifest.json        what is here: dtype, vocab, token / byte / document counts per split
+    DATA/tokenizer/           a copy of the tokenizer, so the data dir is self-contained
+    DATA/train-00000.bin ...  flat token ids (numpy memmap; uint16 when the vocab fits, else uint32),
+    DATA/val-00000.bin ...    documents separated by the tokenizer's end-of-text id
+
+A corpus is text files, folders of them (recursively, sorted), JSONL files with a text field, or the name
+of the embedded corpus `python-docs` (gptlab/corpus.py). Text streams in pieces, so a corpus larger than
+memory works. The validation split is a deterministic ~val_fraction of the pieces spread over the whole
+corpus. Bytes per token (UTF-8 bytes of the text / tokens) let the trainer report bits per byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptlab.cli import command
+from gptlab.errors import GptlabError
+
+FORMAT = "gptlab-tokens-1"
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl"}
+PIECE_CHARS = 4096  # text is tokenized and assigned to a split in pieces of about this many characters
+BATCH_CHARS = 1 << 20  # characters handed to the tokenizer per encode_batch call (it parallelises inside)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading corpora
+
+
+def corpus_files(corpus: str | Path) -> list[Path]:
+    """The files a corpus path names: the file itself, or every text/JSONL file under a folder."""
+    p = Path(corpus).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise GptlabError(f"folder {p} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+        return files
+    raise GptlabError(f"corpus {corpus} does not exist (give a file, a folder, or 'python-docs')")
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """Split a document at line ends into pieces of at most ~PIECE_CHARS (a long line is cut at a space)."""
+    start, n = 0, len(text)
+    while start < n:
+        end = start + PIECE_CHARS
+        if end >= n:
+            yield text[start:]
+            return
+        cut = text.rfind("\n", start, end)
+        if cut <= start:
+            cut = text.rfind(" ", start, end)
+        end = cut + 1 if cut > start else end
+        yield text[start:end]
+        start = end
+
+
+def _read_text_file(path: Path) -> Iterator[tuple[str, bool]]:
+    """(piece, ends_document) pieces of one text file, streamed; the whole file is one document."""
+    buf: list[str] = []
+    size = 0
+    seen_text = False
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for line in f:
+                seen_text = seen_text or bool(line.strip())
+                buf.append(line)
+                size += len(line)
+                if size >= 16 * PIECE_CHARS:
+                    chunk = "".join(buf)
+                    buf, size = [], 0
+                    yield from ((piece, False) for piece in _pieces(chunk))
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{path} is not UTF-8 text (invalid byte at offset {e.start} of a read block); "
+                          f"convert it to UTF-8 first") from None
+    if not seen_text:
+        raise GptlabError(f"{path} is empty (no text to train on)")
+    pieces = list(_pieces("".join(buf))) or [""]
+    for i, piece in enumerate(pieces):
+        yield piece, i == len(pieces) - 1
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, bool]]:
+    """Each line's `field` is one document."""
+    n_docs = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GptlabError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or field not in row:
+                    raise GptlabError(f"{path}:{lineno} has no {field!r} field (choose one with --text-field)")
+                text = row[field]
+                if not isinstance(text, str):
+                    raise GptlabError(f"{path}:{lineno}: field {field!r} is not a string")
+                if not text.strip():
+                    continue
+                n_docs += 1
+                pieces = list(_pieces(text))
+                for i, piece in enumerate(pieces):
+                    yield piece, i == len(pieces) - 1
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{path} is not UTF-8 text (invalid byte at offset {e.start} of a read block)") from None
+    if n_docs == 0:
+        raise GptlabError(f"{path} is empty (no non-empty {field!r} values)")
+
+
+def read_corpus(corpus: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[tuple[str, bool]]:
+    """Stream a corpus as (piece of text, ends_document) pairs, in a deterministic order."""
+    from gptlab import corpus as embedded
+
+    names = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+    for name in names:
+        if str(name) == embedded.NAME:
+            for doc in embedded.documents():
+                pieces = list(_pieces(doc))
+                for i, piece in enumerate(pieces):
+                    yield piece, i == len(pieces) - 1
+            continue
+        for path in corpus_files(name):
+            if path.suffix.lower() == ".jsonl":
+                yield from _read_jsonl(path, text_field)
+            else:
+                yield from _read_text_file(path)
+
+
+def corpus_texts(corpus: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
+    """The corpus as a stream of text pieces (what the tokenizer trainer reads)."""
+    return (piece for piece, _ in read_corpus(corpus, text_field))
+
+
+def corpus_fingerprint(corpus: str | Path | Iterable[str | Path]) -> str:
+    """Changes when the corpus may have: names, sizes and modification times of its files."""
+    from gptlab import corpus as embedded
+
+    names = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+    h = hashlib.sha256()
+    for name in names:
+        if str(name) == embedded.NAME:
+            h.update(embedded.fingerprint().encode())
+            continue
+        for f in corpus_files(name):
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing shards
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the disk and memory traffic whenever every id fits in it."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class _ShardWriter:
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.tokens = self.bytes = self.documents = 0
+        self._f = None
+
+    def write(self, ids: list[int], n_bytes: int, ends_doc: bool) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        while arr.size:
+            if self._f is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self._open()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, arr = arr[:room], arr[room:]
+            self._f.write(part.tobytes())
+            self.shards[-1]["tokens"] += int(part.size)
+        self.tokens += len(ids)
+        self.bytes += n_bytes
+        self.documents += int(ends_doc)
+
+    def _open(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._f = open(self.root / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> dict[str, Any]:
+        if self._f is not None:
+            self._f.close()
+        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.shards}
+
+
+def prepare(
+    corpus: str | Path | Iterable[str | Path],
+    tokenizer,
+    out: str | Path,
+    val_fraction: float = 0.01,
+    text_field: str = "text",
+    shard_tokens: int = 1 << 27,
+    show_progress: bool = True,
+    tokenizer_source: str | None = None,
+) -> dict[str, Any]:
+    """Tokenize a corpus into DATA (see the module docstring); returns the manifest. Replaces DATA atomically.
+
+    tokenizer: a gptlab Tokenizer, or the path of a tokenizer dir.
+    """
+    from tqdm.auto import tqdm
+
+    from gptlab.hf import replace_dir
+    from gptlab.tokenizer import load_tokenizer
+
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer_source = tokenizer_source or str(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
+    if not 0.0 < val_fraction < 0.5:
+        raise GptlabError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise GptlabError("the tokenizer has no end-of-text token to separate documents")
+    vocab = tokenizer.vocab_size
+    dtype = token_dtype(vocab)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+        seen = 0  # bytes so far, over both splits
+        bar = tqdm(desc="prepare", unit="B", unit_scale=True, disable=not show_progress or not sys.stderr.isatty())
+
+        def flush(batch: list[tuple[str, bool]]) -> None:
+            nonlocal seen
+            encoded = tokenizer.encode_batch([p for p, _ in batch])
+            for (piece, ends), ids in zip(batch, encoded):
+                n_bytes = len(piece.encode("utf-8"))
+                if ends:
+                    ids = ids + [eos]
+                # a piece goes to validation while validation is behind its share of the bytes so far;
+                # deterministic, and spread evenly over the corpus
+                to_val = writers["val"].bytes + n_bytes / 2 <= val_fraction * (seen + n_bytes)
+                writers["val" if to_val else "train"].write(ids, n_bytes, ends)
+                seen += n_bytes
+                bar.update(n_bytes)
+
+        batch: list[tuple[str, bool]] = []
+        size = 0
+        for piece, ends in read_corpus(corpus, text_field):
+            batch.append((piece, ends))
+            size += len(piece)
+            if size >= BATCH_CHARS:
+                flush(batch)
+                batch, size = [], 0
+        flush(batch)
+        bar.close()
+        splits = {s: w.close() for s, w in writers.items()}
+        name = ", ".join(map(str, [corpus] if isinstance(corpus, (str, Path)) else corpus))
+        if splits["train"]["bytes"] == 0:
+            raise GptlabError(f"corpus {name} is empty")
+        if splits["val"]["tokens"] < 2:
+            raise GptlabError(f"corpus {name} is too small to hold out a validation split "
+                              f"({splits['train']['bytes']} bytes at val_fraction={val_fraction})")
+        tokenizer.save(tmp / "tokenizer")
+        total_tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+        total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
+        manifest = {
+            "format": FORMAT,
+            "corpus": name,
+            "fingerprint": corpus_fingerprint(corpus),
+            "tokenizer": "tokenizer",
+            "tokenizer_source": tokenizer_source,
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "dtype": dtype.name,
+            "val_fraction": val_fraction,
+            "tokens": total_tokens,
+            "bytes": total_bytes,
+            "bytes_per_token": total_bytes / max(1, total_tokens),
+            "splits": splits,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise GptlabError(f"{data_dir} is not a prepared data dir (no manifest.json); run `gptlab prepare` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise GptlabError(f"{path} has format {manifest.get('format')!r}; expected {FORMAT!r}")
+    return manifest
+
+
+def ensure_prepared(
+    data: str,
+    tokenizer: str | None,
+    vocab_size: int,
+    cache: str | Path,
+    val_fraction: float = 0.01,
+    quiet: bool = False,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """A prepared data dir for `data`: itself when it already is one, else a cached preparation of the corpus.
+
+    With no tokenizer given, a byte-level BPE of `vocab_size` is trained on the corpus (and cached too).
+    In a distributed run only the main process prepares; the others wait at `barrier`.
+    """
+    p = Path(data).expanduser()
+    if (p / "manifest.json").is_file():
+        return p
+    from gptlab import corpus as embedded
+
+    if str(data) != embedded.NAME and not p.exists():
+        raise GptlabError(f"data {data!r} is neither a prepared data dir, a corpus path, nor 'python-docs'")
+    stem = embedded.NAME if str(data) == embedded.NAME else p.resolve().name
+    fp = corpus_fingerprint(data)
+    tok_key = f"bpe{vocab_size}" if tokenizer is None else "tok-" + hashlib.sha256(
+        str(Path(tokenizer).resolve()).encode()).hexdigest()[:8]
+    out = Path(cache).expanduser() / f"{stem}-{tok_key}-{fp[:8]}-val{val_fraction:g}"
+    if is_main and not (out / "manifest.json").is_file():
+        say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+        if tokenizer is None:
+            from gptlab.tokenizer import train_tokenizer
+
+            say(f"training a {vocab_size}-token byte-level BPE on {data} ...")
+            tok = train_tokenizer(corpus_texts(data), vocab_size=vocab_size, show_progress=False)
+            source = f"trained on {data} (vocab {vocab_size})"
+        else:
+            from gptlab.tokenizer import load_tokenizer
+
+            tok, source = load_tokenizer(tokenizer), str(tokenizer)
+        say(f"tokenizing {data} into {out} ...")
+        prepare(data, tok, out, val_fraction=val_fraction, show_progress=not quiet, tokenizer_source=source)
+    barrier()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading shards: numbered batches
+
+
+class TokenWindows:
+    """Windows of seq_len + 1 tokens from one split, as numbered batches {"input_ids", "labels"} (B, T).
+
+    shuffle=True (training): batch `index` holds batch_size * world windows at offsets drawn from a generator
+    seeded by (seed, index); process `rank` takes rows [rank * batch_size, (rank + 1) * batch_size). So the
+    data a step reads depends only on its number: resuming needs no saved position, and N processes with
+    batch_size B read exactly the rows one process with batch_size N * B would.
+    shuffle=False (validation): consecutive non-overlapping windows, batch `index` of rank `rank` continuing
+    where the previous one ended; len() is the number of full batches for one process.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.dir = Path(data_dir)
+        manifest = read_manifest(self.dir)
+        if split not in manifest["splits"]:
+            raise GptlabError(f"{data_dir} has no {split!r} split")
+        dtype = np.dtype(manifest["dtype"])
+        self.shards = [np.memmap(self.dir / s["file"], dtype=dtype, mode="r")
+                       for s in manifest["splits"][split]["shards"] if s["tokens"]]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.n_tokens = int(self.starts[-1])
+        self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
+        self.split = split
+        if self.n_tokens < seq_len + 1:
+            raise GptlabError(f"the {split} split of {data_dir} has {self.n_tokens} tokens, fewer than one "
+                              f"sequence of {seq_len + 1}; use a shorter seq_len or more data")
+
+    def __len__(self) -> int:
+        return max(1, (self.n_tokens - 1) // self.seq_len // self.batch_size)
+
+    def _window(self, offset: int) -> np.ndarray:
+        """seq_len + 1 tokens starting at a global offset (a window may span two shards)."""
+        n = self.seq_len + 1
+        k = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        local = offset - int(self.starts[k])
+        out = np.asarray(self.shards[k][local:local + n], dtype=np.int64)
+        while out.size < n:  # continue into the next shard
+            k += 1
+            out = np.concatenate([out, np.asarray(self.shards[k][: n - out.size], dtype=np.int64)])
+        return out
+
+    def offsets(self, index: int, rank: int, world: int) -> list[int]:
+        B, T = self.batch_size, self.seq_len
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, index])
+            all_rows = rng.integers(0, self.n_tokens - T, size=B * world)  # end exclusive: a full window fits
+            return [int(o) for o in all_rows[rank * B:(rank + 1) * B]]
+        n_windows = (self.n_tokens - 1) // T
+        first = (index * world + rank) * B
+        return [((first + j) % n_windows) * T for j in range(B)]
+
+    def batch(self, index: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        rows = np.stack([self._window(o) for o in self.offsets(index, rank, world)])  # (B, T + 1)
+        t = torch.from_numpy(rows)
+        return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+
+
+class ExampleBatches:
+    """Numbered batches over a list of examples (fine-tuning): an epoch-wise shuffle seeded by (seed, epoch).
+
+    Micro-batch `index` of rank `rank` is made by `collate` from examples
+    perm(epoch)[(index * world + rank) * batch_size ...], wrapping into the next epoch, so resume and
+    data-parallel splits read exactly what an uninterrupted single-process run would.
+    """
+
+    def __init__(self, examples: list[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+                 seed: int = 0, shuffle: bool = True) -> None:
+        if not examples:
+            raise GptlabError("no examples to train on")
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.seed, self.shuffle = seed, shuffle
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.examples) / self.batch_size))
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+        return self._perm[1]
+
+    def batch(self, index: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        n = len(self.examples)
+        first = (index * world + rank) * self.batch_size
+        picked = []
+        for pos in range(first, first + self.batch_size):
+            if not self.shuffle and pos >= n:  # evaluation: the last batch may be short, never repeats
+                break
+            picked.append(self.examples[int(self._order(pos // n)[pos % n])])
+        if not picked:
+            picked = [self.examples[-1]]
+        return self.collate(picked)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@command("prepare")
+def prepare_command(
+    corpus: list[str],
+    tokenizer: str,
+    out: str = "",
+    val_fraction: float = 0.01,
+    text_field: str = "text",
+    quiet: bool = False,
+) -> int:
+    """Tokenize a corpus into token shards (uint16/uint32 memmaps) with a held-out validation split.
+
+    Args:
+        corpus: text files, folders of them, JSONL files, or python-docs (the embedded corpus)
+        tokenizer: a tokenizer dir (tokenizer.json), e.g. from `gptlab tokenizer train`, or an HF model dir
+        out: output data dir (-o); default: data/<corpus name>
+        val_fraction: share of the text held out for validation
+        text_field: the field holding the text in JSONL files
+        quiet: no progress bar
+    """
+    dest = Path(out or Path("data") / Path(corpus[0]).name)
+    manifest = prepare(corpus, tokenizer, dest, val_fraction=val_fraction, text_field=text_field,
+                       show_progress=not quiet)
+    s = manifest["splits"]
+    print(f"{dest}: {s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({manifest['dtype']}), "
+          f"{manifest['bytes_per_token']:.2f} bytes per token")
+    return 0
