@@ -56,12 +56,11 @@ class Sampling:
 
 def apply_repetition_penalty(logits: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
     """seqs (B, L) holds every token so far (prompt + generated), -1 where a row has none."""
-    valid = seqs >= 0
-    idx = seqs.clamp(min=0)
-    scores = logits.gather(1, idx)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    # padding slots write the unchanged logit of token 0 back, which is a no-op
-    return logits.scatter(1, idx, torch.where(valid, scores, logits.gather(1, idx)))
+    counts = torch.zeros_like(logits)
+    counts.scatter_add_(1, seqs.clamp(min=0), (seqs >= 0).to(logits.dtype))  # padding (-1) adds 0
+    seen = counts > 0
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
 
 
 def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
@@ -69,7 +68,7 @@ def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
     if len(seq) + 1 < n:
         return []
     prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
-    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
+    return sorted({seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix})
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""Generation behaviour: processors, stop rules, streaming, seeds, context limits, the CLI."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+import gptlab
+from gptlab.errors import GptlabError
+from gptlab.generate import (
+    Sampling,
+    _TextRow,
+    apply_repetition_penalty,
+    banned_ngram_tokens,
+    generate,
+    generate_ids,
+    top_k_filter,
+    top_p_filter,
+)
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_gpt2_dir):
+    return gptlab.load(tiny_gpt2_dir), gptlab.load_tokenizer(tiny_gpt2_dir)
+
+
+def test_top_k_keeps_exactly_k_most_likely():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = torch.isfinite(top_p_filter(logits, 0.75)).tolist()[0]
+    assert kept == [True, True, False, False]  # 0.5 alone < 0.75; 0.5 + 0.3 >= 0.75
+    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1  # always at least one token
+
+
+def test_repetition_penalty_matches_ctrl_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, -1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]  # seen positive divided, seen negative multiplied, unseen kept
+
+
+def test_no_repeat_ngram_bans_completions_of_seen_ngrams():
+    assert sorted(banned_ngram_tokens([1, 2, 3, 1, 2], 3)) == [3]
+    assert banned_ngram_tokens([1, 2, 3], 3) == []
+    assert sorted(banned_ngram_tokens([4, 5, 4], 1)) == [4, 5]
+
+
+def test_no_repeat_ngram_holds_in_generated_text(model_and_tok):
+    model, _ = model_and_tok
+    out = generate_ids(model, [[5, 6, 7]], max_new_tokens=40, no_repeat_ngram_size=2, eos_id=[])[0]
+    seq = [5, 6, 7] + out
+    bigrams = list(zip(seq, seq[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_seed_makes_sampling_reproducible(model_and_tok):
+    model, tok = model_and_tok
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=50, seed=7)
+    a, b = generate(model, tok, "The with statement", **kw), generate(model, tok, "The with statement", **kw)
+    assert a == b
+    others = {generate(model, tok, "The with statement", **{**kw, "seed": s}) for s in range(5)}
+    assert len(others) > 1  # the seed, not something else, fixed the output
+
+
+def test_streaming_pieces_join_to_the_full_text(model_and_tok):
+    model, tok = model_and_tok
+    kw = dict(max_new_tokens=30, temperature=0.9, seed=3)
+    full = generate(model, tok, "for loops", **kw)
+    pieces = list(generate(model, tok, "for loops", stream=True, **kw))
+    assert "".join(pieces) == full
+    assert len(pieces) > 1
+
+
+def test_stop_string_ends_generation_and_is_excluded(model_and_tok):
+    model, tok = model_and_tok
+    free = generate(model, tok, "class", max_new_tokens=40, temperature=1.0, seed=1)
+    stop = free[5:8]
+    assert stop and stop in free
+    cut = generate(model, tok, "class", max_new_tokens=40, temperature=1.0, seed=1, stop=[stop])
+    assert cut == free[: free.find(stop)]
+
+
+def test_text_row_holds_back_partial_utf8_and_partial_stop(tiny_tokenizer):
+    text = "中文字符 and STOP here"
+    ids = tiny_tokenizer.encode(text)
+    row = _TextRow(tiny_tokenizer, stop=["STOP"])
+    pieces = [row.add(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)  # never half a character
+    assert "".join(pieces) + row.rest() == "中文字符 and "
+
+
+def test_eos_stops_a_row(model_and_tok):
+    model, _ = model_and_tok
+    first = generate_ids(model, [[5, 6, 7]], max_new_tokens=5, eos_id=[])[0]
+    out = generate_ids(model, [[5, 6, 7]], max_new_tokens=5, eos_id=first[2])[0]
+    assert out == first[:2]
+
+
+def test_prompt_longer_than_context_is_a_clear_error_or_truncated(model_and_tok):
+    model, _ = model_and_tok
+    long = list(range(1, 200))  # context is 128
+    with pytest.raises(GptlabError, match="exceeds the model's context"):
+        generate_ids(model, [long], max_new_tokens=10)
+    out = generate_ids(model, [long], max_new_tokens=10, truncate=True, eos_id=[])[0]
+    same = generate_ids(model, [long[-118:]], max_new_tokens=10, eos_id=[])[0]
+    assert out == same
+
+
+def test_bad_sampling_values_are_refused():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=1.5), dict(top_k=0)):
+        with pytest.raises(GptlabError):
+            Sampling(**bad)
+
+
+def test_chinese_text_round_trips_through_the_tokenizer(tiny_tokenizer):
+    text = "深度学习模型：GPT-2 有 1.24 亿参数。\n换行 and English 混合 🙂"
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(text)) == text
+
+
+def test_gpt2_vocab_and_merges_files_load(tmp_path, tiny_tokenizer):
+    """GPT-2's original tokenizer files (vocab.json + merges.txt) load and encode like tokenizer.json."""
+    import json
+
+    from gptlab.tokenizer import load_tokenizer
+
+    model = json.loads(tiny_tokenizer.backend.to_str())["model"]
+    (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = load_tokenizer(tmp_path)
+    text = "The with statement is used to wrap a block. 中文"
+    assert tok.encode(text) == tiny_tokenizer.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_id == tiny_tokenizer.eos_id
