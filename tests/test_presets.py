@@ -213,3 +213,34 @@ def test_memory_and_mfu():
     assert kv_cache_bytes(c, seq_len=1000, batch_size=3) == 2 * 28 * 8 * 128 * 2 * 1000 * 3
     per_token = flops_per_token(c, 2048, training=True)
     assert mfu(1000.0, c, 2048, peak_flops=per_token * 4000) == pytest.approx(0.25)
+
+
+# ---- docs/models.md ----
+
+# fields that vary within a family, left out of the docs' table (as it says)
+_PER_MODEL = {"name", "hf_repo", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
+              "intermediate_size", "moe_intermediate_size", "n_expert", "n_expert_per_token", "norm_eps",
+              "layer_windows", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def test_docs_family_table_matches_the_presets():
+    """Each family's row in docs/models.md names exactly the fields all its presets set apart from defaults."""
+    import ast
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "models.md").read_text()
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in set(FAMILIES.values()):
+            items = [item.split("=", 1) for item in re.findall(r"`([^`]+)`", cells[2])]
+            rows[cells[0]] = {k: ast.literal_eval(v) for k, v in items}
+    assert set(rows) == set(FAMILIES.values())
+    defaults = Config().to_dict()
+    for fam, stated in rows.items():
+        configs = [Config.from_name(n).to_dict() for n in PRESETS if FAMILIES[n] == fam]
+        for c in configs:
+            assert {k: c[k] for k in stated} == stated, fam
+        common = {k for k in defaults
+                  if k not in _PER_MODEL and all(c[k] == configs[0][k] != defaults[k] for c in configs)}
+        assert common <= set(stated), (fam, common - set(stated))
