@@ -1,0 +1,90 @@
+"""Text classification by label scoring: each label's log-likelihood as the continuation of a prompt.
+
+Each JSONL row holds `text` and `label` (a string; other fields may be used by the template). The prompt is
+`template.format(**row)` (default "{text}\\nLabel:"), each label is scored as " " + label, and the
+prediction is the likeliest label (the same requests as a multiple-choice question whose choices are the
+labels, so they share one prefill). Reported:
+
+    acc                                   mean of [pred == label], with its sample standard error
+    macro_f1                              unweighted mean of the per-class F1
+    per class: precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2PR / (P + R) (0 when undefined)
+    confusion[i][j]                       rows with true label i predicted as j
+"""
+
+from __future__ import annotations
+
+from gptlab.eval.data import Doc, fewshot_contexts, require, where
+from gptlab.eval.results import EvalResult, mean_stderr
+from gptlab.eval.scorer import Scorer
+from gptlab.errors import GptlabError
+
+DEFAULT_TEMPLATE = "{text}\nLabel:"
+
+
+def render(template: str, doc: Doc, at: str) -> str:
+    try:
+        return template.format(**doc)
+    except KeyError as e:
+        raise GptlabError(f"{at}: the template uses field {e.args[0]!r}, which this row lacks") from None
+    except (IndexError, ValueError) as e:
+        raise GptlabError(f"template {template!r} is not a valid format string: {e}") from None
+
+
+def class_metrics(labels: list[str], gold: list[int], pred: list[int]) -> dict:
+    """Per-class precision / recall / F1 / support, macro F1 and the confusion matrix (rows: true)."""
+    k = len(labels)
+    confusion = [[0] * k for _ in range(k)]
+    for g, p in zip(gold, pred):
+        confusion[g][p] += 1
+    per_class = {}
+    for c, name in enumerate(labels):
+        tp = confusion[c][c]
+        fp = sum(confusion[r][c] for r in range(k)) - tp
+        fn = sum(confusion[c]) - tp
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    macro_f1 = sum(s["f1"] for s in per_class.values()) / k
+    return {"labels": list(labels), "per_class": per_class, "confusion": confusion, "macro_f1": macro_f1}
+
+
+def evaluate_classification(scorer: Scorer, docs: list[Doc], labels: list[str] | None = None,
+                            template: str | None = None, num_fewshot: int = 0,
+                            fewshot_docs: list[Doc] | None = None, seed: int = 1234,
+                            source: str = "data") -> EvalResult:
+    template = template or DEFAULT_TEMPLATE
+    rows = []
+    for i, d in enumerate(docs):
+        at = where(source, d, i)
+        rows.append((render(template, d, at), require(d, "label", str, at), at))
+    if not rows:
+        raise GptlabError(f"{source}: no rows to classify")
+    labels = list(labels) if labels else sorted({label for _, label, _ in rows})
+    if len(labels) < 2:
+        raise GptlabError(f"classification needs at least two labels, got {labels}")
+    for _, label, at in rows:
+        if label not in labels:
+            raise GptlabError(f"{at}: label {label!r} is not one of {labels}")
+    shots = None
+    if fewshot_docs is not None:
+        shots = [(render(template, d, where("fewshot data", d, i)), require(d, "label", str, where("fewshot data", d, i)))
+                 for i, d in enumerate(fewshot_docs)]
+    prefixes = fewshot_contexts([(p, lab) for p, lab, _ in rows], shots, num_fewshot, seed, lambda r: r)
+    pairs = [(prefix + prompt, " " + label) for prefix, (prompt, _, _) in zip(prefixes, rows) for label in labels]
+    seconds, tokens = scorer.seconds, scorer.tokens
+    scores = iter(scorer.loglikelihood(pairs, desc="classification"))
+    gold, pred, samples = [], [], []
+    for _, label, _ in rows:
+        lls = [next(scores)[0] for _ in labels]
+        p = max(range(len(labels)), key=lambda j: (lls[j], -j))
+        gold.append(labels.index(label))
+        pred.append(p)
+        samples.append({"label": label, "pred": labels[p], "loglikelihoods": dict(zip(labels, lls))})
+    hits = [float(g == p) for g, p in zip(gold, pred)]
+    details = class_metrics(labels, gold, pred)
+    metrics = {"acc": sum(hits) / len(hits), "macro_f1": details.pop("macro_f1")}
+    return EvalResult(task="classification", metrics=metrics, stderr={"acc": mean_stderr(hits), "macro_f1": None},
+                      n=len(rows), seconds=scorer.seconds - seconds, tokens=scorer.tokens - tokens,
+                      config={"template": template, "num_fewshot": num_fewshot, "seed": seed},
+                      details=details, samples=samples)

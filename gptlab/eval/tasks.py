@@ -1,0 +1,130 @@
+"""`evaluate(model, task, data, ...)`: the one entry point behind `gptlab eval` and the Python API.
+
+    from gptlab.eval import evaluate
+    result = evaluate("path/to/model", "multiple_choice", "hellaswag.jsonl", limit=500, batch_size=32)
+    print(result.table()); result.save("results.json")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gptlab.eval.data import STANDARD, load_docs
+from gptlab.eval.results import EvalResult
+from gptlab.errors import GptlabError
+
+TASKS = ("perplexity", "lambada", "multiple_choice", "qa", "classification")
+DEFAULT_DATA = {"perplexity": "wikitext-2", "lambada": "lambada"}  # standard sets used when no data is given
+
+# options each task reads; setting another is an error rather than silently ignored
+_OPTIONS = {
+    "perplexity": {"window", "stride", "detokenize", "field"},
+    "lambada": {"field", "bootstrap_iters"},
+    "multiple_choice": {"num_fewshot", "fewshot_data", "seed"},
+    "classification": {"num_fewshot", "fewshot_data", "seed", "labels", "template"},
+    "qa": {"num_fewshot", "fewshot_data", "seed", "template", "max_new_tokens", "stop", "strip_think", "chat",
+           "rel_tol"},
+}
+_DEFAULTS: dict[str, Any] = {
+    "window": None, "stride": None, "detokenize": None, "field": "text", "bootstrap_iters": 1000, "num_fewshot": 0,
+    "fewshot_data": None, "seed": 1234, "labels": None, "template": None, "max_new_tokens": 64, "stop": None,
+    "strip_think": False, "chat": False, "rel_tol": 0.0,
+}
+
+
+def evaluate(
+    model,
+    task: str,
+    data: str | os.PathLike | None = None,
+    *,
+    tokenizer=None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> EvalResult:
+    """Evaluate `model` (a model dir / hub id, or a loaded GPT with `tokenizer`) on `task`.
+
+    task: perplexity | lambada | multiple_choice | qa | classification, or a standard benchmark name
+      (wikitext-2, lambada, hellaswag, arc_easy, arc_challenge, piqa, mmlu) that implies its task and data.
+    data: a JSONL file, a text file (perplexity), or a standard benchmark name.
+    options: the task's own settings (window, stride, detokenize, field, bootstrap_iters, num_fewshot,
+      fewshot_data, seed, labels, template, max_new_tokens, stop, strip_think, chat, rel_tol).
+    """
+    if task in STANDARD and task not in TASKS:
+        if data is not None:
+            raise GptlabError(f"task {task!r} is a standard benchmark with its own data; drop --data, or use "
+                              f"--task {STANDARD[task].task} with your file")
+        task, data = STANDARD[task].task, task
+    if task not in TASKS:
+        raise GptlabError(f"unknown task {task!r} (tasks: {', '.join(TASKS)}; benchmarks: {', '.join(STANDARD)})")
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise GptlabError(f"unknown option(s) {', '.join(unknown)}")
+    misplaced = sorted(k for k, v in options.items() if k not in _OPTIONS[task] and v != _DEFAULTS[k])
+    if misplaced:
+        raise GptlabError(f"option(s) {', '.join(misplaced)} do not apply to task {task}")
+    opts = {k: options.get(k, _DEFAULTS[k]) for k in _OPTIONS[task]}
+    if limit is not None and limit < 1:
+        raise GptlabError(f"limit must be >= 1, got {limit}")
+    if data is None:
+        if task not in DEFAULT_DATA:
+            raise GptlabError(f"task {task} needs --data (a JSONL file)")
+        data = DEFAULT_DATA[task]
+    source = str(data)
+    docs = load_docs(data, limit, text_ok=task == "perplexity")
+    fewshot_docs = load_docs(opts["fewshot_data"]) if opts.get("fewshot_data") else None
+
+    if isinstance(model, (str, os.PathLike)):
+        import gptlab
+
+        model_name = str(model)
+        tokenizer = tokenizer or gptlab.load_tokenizer(model)
+        model = gptlab.load(model, dtype=dtype, device=device)
+    else:
+        if tokenizer is None:
+            raise GptlabError("pass tokenizer= along with a loaded model")
+        model_name = getattr(model, "source", type(model).__name__)
+    model.eval()
+    record = {"model": model_name, "task": task, "data": source, "limit": limit, "batch_size": batch_size}
+
+    if task == "qa":
+        from gptlab.eval.qa import evaluate_qa
+
+        result = evaluate_qa(model, tokenizer, docs, batch_size=batch_size, template=opts["template"],
+                             max_new_tokens=opts["max_new_tokens"], stop=opts["stop"],
+                             strip_thinking=opts["strip_think"], chat=opts["chat"], num_fewshot=opts["num_fewshot"],
+                             fewshot_docs=fewshot_docs, seed=opts["seed"], rel_tol=opts["rel_tol"],
+                             progress=progress, source=source)
+    else:
+        from gptlab.eval.scorer import Scorer
+
+        scorer = Scorer(model, tokenizer, batch_size=batch_size, progress=progress)
+        if task == "perplexity":
+            from gptlab.eval.perplexity import evaluate_perplexity
+
+            detok = opts["detokenize"] or ("wikitext" if source == "wikitext-2" else "none")
+            result = evaluate_perplexity(scorer, docs, window=opts["window"], stride=opts["stride"],
+                                         detokenize=detok, field=opts["field"], source=source)
+        elif task == "lambada":
+            from gptlab.eval.lambada import evaluate_lambada
+
+            result = evaluate_lambada(scorer, docs, field=opts["field"], bootstrap_iters=opts["bootstrap_iters"],
+                                      source=source)
+        elif task == "multiple_choice":
+            from gptlab.eval.multiple_choice import evaluate_multiple_choice
+
+            result = evaluate_multiple_choice(scorer, docs, num_fewshot=opts["num_fewshot"],
+                                              fewshot_docs=fewshot_docs, seed=opts["seed"], source=source)
+        else:
+            from gptlab.eval.classification import evaluate_classification
+
+            result = evaluate_classification(scorer, docs, labels=opts["labels"], template=opts["template"],
+                                             num_fewshot=opts["num_fewshot"], fewshot_docs=fewshot_docs,
+                                             seed=opts["seed"], source=source)
+    result.config = {**record, **result.config}
+    return result
+
