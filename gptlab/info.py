@@ -15,7 +15,7 @@ from gptlab.cli import command
 from gptlab.config import Config
 from gptlab.errors import GptlabError
 from gptlab.presets import FAMILIES, PRESETS
-from gptlab.stats import count_params, human, human_bytes, kv_cache_bytes, weight_bytes
+from gptlab.stats import count_params, flops_per_token, human, human_bytes, kv_cache_bytes, weight_bytes
 
 # files `gptlab info` fetches for a hub id: the config and tokenizer metadata, never the weights
 _HUB_INFO_PATTERNS = ["config.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
@@ -133,7 +133,7 @@ def _hub_dir(repo_id: str) -> Path:
 
 
 def _locate(model: str) -> tuple[str, Path | None]:
-    """('preset', None) or ('dir', path): a local dir wins over a preset of the same name."""
+    """('dir', path), ('preset', None) or ('hub', path of its fetched metadata); a local dir wins."""
     p = Path(model).expanduser()
     if p.is_dir():
         from gptlab.hf import resolve
@@ -147,7 +147,7 @@ def _locate(model: str) -> tuple[str, Path | None]:
         raise GptlabError(f"model directory {model} does not exist")
     if "/" not in model:
         raise GptlabError(f"{model!r} is neither a model directory nor a preset; `gptlab models` lists the presets")
-    return "dir", _hub_dir(model)
+    return "hub", _hub_dir(model)
 
 
 def _checkpoint_dtype(path: Path) -> str:
@@ -233,9 +233,11 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
         ("weights", f"{human_bytes(weight_bytes(c, dtype))} in {dtype_name}"),
         ("kv cache", f"{human_bytes(kv_cache_bytes(c, seq, batch_size, dtype))} for {batch_size} x {seq:,} tokens "
                      f"in {dtype_name}"),
+        ("flops", f"{human(flops_per_token(c, seq))} per token forward at {seq:,} tokens (x3 to train)"),
     ]
     if path is not None:
-        lines += [("tokenizer", _tokenizer_str(path)), ("files", _weights_str(path))]
+        lines.append(("tokenizer", _tokenizer_str(path)))
+        lines.append(("files", _weights_str(path) if kind == "dir" else "weights not fetched (info reads config.json)"))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")

@@ -85,7 +85,8 @@ def test_info_needs_only_config_json(capsys, tmp_path):
     assert f["weights"].endswith("in bfloat16") and f["files"] == "none" and f["tokenizer"] == "none"
 
 
-@pytest.mark.parametrize("arg", ["./no-such-dir", "/no/such/model/dir", "not-a-preset"])
+# the tests run with HF_HUB_OFFLINE=1 (conftest), so a hub id that is not cached fails like a missing dir
+@pytest.mark.parametrize("arg", ["./no-such-dir", "/no/such/model/dir", "not-a-preset", "no-such-org/no-such-model"])
 def test_info_missing_model_is_one_line_error(capsys, tmp_path, arg):
     rc, out, err = run(capsys, "info", arg)
     assert rc == 1 and out == ""
