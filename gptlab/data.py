@@ -467,7 +467,7 @@ class ExampleBatches:
 @command("prepare")
 def prepare_command(
     corpus: list[str],
-    tokenizer: str,
+    tokenizer: str = "",
     out: str = "",
     val_fraction: float = 0.01,
     text_field: str = "text",
@@ -483,6 +483,8 @@ def prepare_command(
         text_field: the field holding the text in JSONL files
         quiet: no progress bar
     """
+    if not tokenizer:
+        raise GptlabError("pass --tokenizer DIR (make one with `gptlab tokenizer train CORPUS --out DIR`)")
     dest = Path(out or Path("data") / Path(corpus[0]).name)
     manifest = prepare(corpus, tokenizer, dest, val_fraction=val_fraction, text_field=text_field,
                        show_progress=not quiet)
