@@ -18,12 +18,7 @@ def load_tokenizer(path_or_id):
     from gptlab.tokenizer import load_tokenizer as _load
 
     return _load(path_or_id)
-
-
-def generate(*args, **kwargs):
-    from gptlab.generate import generate as _generate
-
-    return _generate(*args, **kwargs)
+from gptlab.generate import generate  # after this, `gptlab.generate` is the function, not the module
 
 
 __all__ = ["Config", "GPT", "GptlabError", "load", "save", "load_tokenizer", "generate", "__version__"]

@@ -196,7 +196,7 @@ def _split_sizes(config: Config, name: str, total: int, n: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------
 # config.json <-> Config
 
-_ACT = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+_ACT = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 class _Fields:

@@ -223,8 +223,11 @@ class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        # _weight skips nn.Embedding's own init (redone by _init_weights; on the meta device it costs seconds)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
+        self.wpe = None
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd, _weight=torch.empty(config.block_size, config.n_embd))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config, config.n_embd) if config.final_norm else nn.Identity()
