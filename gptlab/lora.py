@@ -91,8 +91,7 @@ class LoRALinear(nn.Linear):
             return y
         h = self.lora_dropout(x)
         for A, B, (start, stop), scale in zip(self.lora_A, self.lora_B, self.spans, self.scales):
-            d = F.linear(F.linear(h.to(A.dtype), A), B) * scale  # (..., stop - start)
-            d = d.to(y.dtype)
+            d = F.linear(F.linear(h.to(A.dtype), A) * scale, B).to(y.dtype)  # scaled at rank r: cheaper
             y = y + (d if stop - start == self.out_features else F.pad(d, (start, self.out_features - stop)))
         return y
 
@@ -395,14 +394,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Attach a PEFT LoRA adapter (gptlab- or PEFT-saved) to a gptlab GPT; returns the other saved tensors
-    (modules_to_save, e.g. {"score.weight": ...}) under their HF names. Safetensors only: a pickled
-    adapter_model.bin is refused, never unpickled."""
+def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(adapter_config, {HF module: {"lora_A", "lora_B"}}, other tensors by HF name) of an adapter dir.
+    Safetensors only: a pickled adapter_model.bin is refused, never unpickled."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
     cfg = read_adapter_config(path)
     f = path / ADAPTER_WEIGHTS
     if not f.is_file():
@@ -414,9 +411,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.T
         tensors = load_file(str(f))
     except (SafetensorError, OSError) as e:
         raise GptlabError(f"could not read {f}: {e}") from None
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    rslora = bool(cfg.get("use_rslora", False))
-    by_hf = {p.hf: p for p in pieces(model)}
     lora: dict[str, dict[str, torch.Tensor]] = {}
     extras: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -431,28 +425,78 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.T
         else:
             if "lora_" in name:
                 raise GptlabError(f"{f}: LoRA tensor {key} is not a Linear adapter gptlab supports")
+            # PEFT may keep a modules_to_save copy's wrapper name; the HF name is what remains
             extras[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = t
     if not lora:
         raise GptlabError(f"{f} holds no LoRA tensors")
+    for module, ab in lora.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise GptlabError(f"{f}: {module} lacks its {'lora_B' if 'lora_A' in ab else 'lora_A'} tensor")
+        if ab["lora_A"].shape[0] != int(cfg["r"]):
+            raise GptlabError(f"{f}: {module} has rank {ab['lora_A'].shape[0]}, adapter_config.json says r={cfg['r']}")
+    return cfg, lora, extras
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Attach a PEFT LoRA adapter (gptlab- or PEFT-saved) to a gptlab GPT without LoRA layers; one adapter per
+    HF module in the file. Returns the other saved tensors (modules_to_save, e.g. {"score.weight": ...})."""
+    path = Path(path)
+    if lora_layers(model):
+        raise GptlabError("this model already has LoRA layers; use load_adapter_weights to refill them")
+    cfg, lora, extras = _read_adapter(path)
+    alpha, rslora = float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0))
+    by_hf = {p.hf: p for p in pieces(model)}
     for module, ab in sorted(lora.items()):
         if module not in by_hf:
             raise GptlabError(f"adapter targets {module}, which this {model.config.model_type} model has no Linear for")
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise GptlabError(f"{f}: {module} lacks its {'lora_B' if 'lora_A' in ab else 'lora_A'} tensor")
         p = by_hf[module]
         layer = _swap(model, p.ours, dropout)
         start, stop = p.span
         A, B = ab["lora_A"], ab["lora_B"]
-        if A.shape != (A.shape[0], layer.in_features) or B.shape != (stop - start, A.shape[0]):
-            raise GptlabError(f"{f}: {module} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, which do not "
-                              f"fit a ({stop - start} x {layer.in_features}) layer")
+        if A.shape[1] != layer.in_features or B.shape != (stop - start, A.shape[0]):
+            raise GptlabError(f"{path}: {module} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, which do "
+                              f"not fit a ({stop - start} x {layer.in_features}) layer")
         k = layer.add_adapter(start, stop, A.shape[0], alpha, rslora)
-        if A.shape[0] != r:
-            raise GptlabError(f"{f}: {module} has rank {A.shape[0]}, adapter_config.json says r={r}")
-        with torch.no_grad():
-            layer.lora_A[k].copy_(A)
-            layer.lora_B[k][torch.tensor(p.rows) - start] = B.to(layer.lora_B[k].dtype)
+        _fill(layer, k, p, A, B)
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_parameter(name))
     return extras
+
+
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Refill the model's existing LoRA layers from an adapter dir (resuming, or restoring the best
+    checkpoint); every adapter row must be in the file. Returns the other saved tensors, as load_adapter."""
+    path = Path(path)
+    layers = lora_layers(model)
+    if not layers:
+        raise GptlabError("this model has no LoRA layers to fill; use load_adapter")
+    _, lora, extras = _read_adapter(path)
+    filled = {(name, k): 0 for name, layer in layers.items() for k in range(len(layer.spans))}
+    used = set()
+    for p in pieces(model):
+        layer = layers.get(p.ours)
+        if layer is None or p.hf not in lora:
+            continue
+        start, stop = p.span
+        k = next((k for k, (a, b) in enumerate(layer.spans) if a <= start and stop <= b), None)
+        if k is None:
+            raise GptlabError(f"{path}: {p.hf} has no adapter in this model")
+        _fill(layer, k, p, lora[p.hf]["lora_A"], lora[p.hf]["lora_B"])
+        filled[(p.ours, k)] += stop - start
+        used.add(p.hf)
+    short = [f"{n}[{k}]" for (n, k), rows in filled.items() if rows != layers[n].spans[k][1] - layers[n].spans[k][0]]
+    if short or set(lora) - used:
+        raise GptlabError(f"{path} does not match this model's LoRA layers "
+                          f"(unfilled: {', '.join(short[:3]) or '-'}; unused: {', '.join(sorted(set(lora) - used)[:3]) or '-'})")
+    return extras
+
+
+@torch.no_grad()
+def _fill(layer: LoRALinear, k: int, p: Piece, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Copy one HF module's A and B into adapter k; B's rows go to our row order (GPT-NeoX interleave)."""
+    start = layer.spans[k][0]
+    if A.shape != layer.lora_A[k].shape:
+        raise GptlabError(f"{p.hf}: lora_A is {tuple(A.shape)}, the model's adapter is {tuple(layer.lora_A[k].shape)}")
+    layer.lora_A[k].copy_(A)
+    layer.lora_B[k][torch.tensor(p.rows, device=layer.lora_B[k].device) - start] = B.to(layer.lora_B[k])
