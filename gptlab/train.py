@@ -234,6 +234,12 @@ class HFSaver:
         module = unwrap(model)
         p = next(module.parameters())
         loaded = load(path, dtype=p.dtype, device=p.device)
+        shape = ("model_type", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
+                 "intermediate_size", "norm", "mlp", "activation", "positions", "tie_embeddings")
+        diff = [f"{k}={getattr(loaded.config, k)!r} (run: {getattr(module.config, k)!r})" for k in shape
+                if getattr(loaded.config, k) != getattr(module.config, k)]
+        if diff:
+            raise GptlabError(f"checkpoint {path} does not match this run's model: {', '.join(diff)}")
         with torch.no_grad():
             module.load_state_dict(loaded.state_dict(), strict=True)
 
@@ -329,8 +335,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float
     """A quick matmul probe: the MFU reported on machines we have no published peak for is relative to it."""
     dt = dtype or torch.float32
     n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    gen = torch.Generator(device).manual_seed(0)  # never the global RNG: resuming must not shift dropout masks
+    a = torch.randn(n, n, device=device, dtype=dt, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=gen)
     best = float("inf")
     for _ in range(4):
         _sync(device)
@@ -643,6 +650,8 @@ class Trainer:
         if cfg.resume and (last / "trainer" / "state.json").is_file():
             self.load_checkpoint(last)
             resumed = True
+        else:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # a dropout stream per process, reproducible
         self._open_logs(resumed)
         if resumed:
             self._print(None, f"resumed from {last} at step {self.step}")
@@ -814,7 +823,7 @@ def print_sample(model: nn.Module, tok, prompt: str, n_tokens: int, seed: int) -
         return
     model.eval()
     text = generate(model, tok, prompt, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=seed)
-    print(f"--- sample ---\n{text}\n--------------", flush=True)
+    print(f"--- sample ---\n{prompt}{text}\n--------------", flush=True)
 
 
 @command("train")
