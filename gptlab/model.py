@@ -113,7 +113,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, kv_len):
+        """mask None: causal over the first kv_len keys (T == kv_len), or all of them (T == 1)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split((nh * hs, nkv * hs, nkv * hs), dim=-1)
@@ -126,9 +127,10 @@ class Attention(nn.Module):
             q = apply_rope(q, cos, sin, self.interleaved)
             k = apply_rope(k, cos, sin, self.interleaved)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
+            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, nkv, S, hs): only the slots written so far
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
         )  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
@@ -202,12 +204,12 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config, config.intermediate_size)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, kv_len):
         if self.post_norm:  # GPT-1
-            x = self.norm_1(x + self.drop(self.attn(x, cos, sin, mask, input_pos)))
+            x = self.norm_1(x + self.drop(self.attn(x, cos, sin, mask, input_pos, kv_len)))
             return self.norm_2(x + self.drop(self.mlp(x)))
         h = self.norm_1(x)
-        a = self.drop(self.attn(h, cos, sin, mask, input_pos))
+        a = self.drop(self.attn(h, cos, sin, mask, input_pos, kv_len))
         if self.parallel:  # GPT-J (shared norm) and GPT-NeoX
             m = self.mlp(h if self.norm_2 is None else self.norm_2(x))
             return x + a + self.drop(m)
@@ -309,8 +311,11 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise GptlabError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}")
             input_pos = torch.arange(T, device=idx.device)
-        elif cached and int(input_pos[-1]) >= self.cache_length:
-            raise GptlabError(f"position {int(input_pos[-1])} is past the KV cache length {self.cache_length}")
+        kv_len = T
+        if cached:
+            kv_len = int(input_pos[-1]) + 1  # slots are filled in order; attend to those written so far
+            if kv_len > self.cache_length:
+                raise GptlabError(f"position {kv_len - 1} is past the KV cache length {self.cache_length}")
         pos = input_pos[None, :]  # (1, T)
         if pad_lens is not None:
             pos = (pos - pad_lens[:, None]).clamp(min=0)  # (B, T)
@@ -324,20 +329,24 @@ class GPT(nn.Module):
             cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rd)
             sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
 
-        S = self.cache_length if cached else T
-        simple = not cached and pad_lens is None
+        # no mask at all for the common cases: a full causal sequence, or one new token seeing every key
+        plain = pad_lens is None and (T == 1 or T == kv_len)
         masks: dict[int, torch.Tensor | None] = {}
         for block in self.blocks:
             w = block.attn.window
             if w not in masks:
-                masks[w] = None if simple and (w == 0 or w >= T) else self._mask(input_pos, S, pad_lens, w)
-            x = block(x, cos, sin, masks[w], input_pos if cached else None)
+                masks[w] = None if plain and (w == 0 or w >= kv_len) else self._mask(input_pos, kv_len, pad_lens, w, x.dtype)
+            x = block(x, cos, sin, masks[w], input_pos if cached else None, kv_len)
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)
 
     @staticmethod
-    def _mask(input_pos: torch.Tensor, S: int, pad_lens: torch.Tensor | None, window: int) -> torch.Tensor:
-        """Boolean attention mask (B|1, 1, T, S): causal, within the window, and never onto padding."""
+    def _mask(input_pos: torch.Tensor, S: int, pad_lens: torch.Tensor | None, window: int, dtype) -> torch.Tensor:
+        """Additive attention mask (B|1, 1, T, S): causal, within the window, and never onto padding.
+
+        Built once per forward as 0 / -inf in the activations' dtype: SDPA on CPU would otherwise convert a
+        boolean mask in every layer (measured several times slower for batch-1 decode).
+        """
         q = input_pos[:, None]  # (T, 1)
         k = torch.arange(S, device=input_pos.device)[None, :]  # (1, S)
         allowed = k <= q
@@ -348,7 +357,7 @@ class GPT(nn.Module):
             allowed = allowed & (k >= pad_lens[:, None, None, None])  # (B, 1, T, S)
             # a padding slot attends to itself, so its (unused) row stays finite instead of NaN
             allowed = allowed | (k == q)
-        return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     # ---- convenience ----
     def num_params(self, exclude_embeddings: bool = False) -> int:
