@@ -275,8 +275,10 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
         metrics["merged"] = str(merged)
     if dist.main and not cfg.quiet:
         shown = {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("accuracy", "macro_f1")}
-        print(f"saved {final} ({metrics['wall_s']:.0f} s)"
-              + "".join(f", {k} {v:.4f}" for k, v in shown.items() if isinstance(v, float)), flush=True)
+        print(f"saved {final}" + (f" and {metrics['merged']}" if "merged" in metrics else "")
+              + f" ({metrics['wall_s']:.0f} s)"
+              + "".join(f", {k} {v:.4f}" for k, v in shown.items() if isinstance(v, float) and k != "val_ppl"),
+              flush=True)
     return result
 
 

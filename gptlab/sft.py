@@ -1,4 +1,4 @@
-"""Fine-tuning data: JSONL rows -> token rows with labels, and deterministic batches of them.
+"""Fine-tuning data: JSONL rows -> token rows with next-token labels, and the collate that pads them.
 
 Row shapes read from JSONL (one JSON object per line):
   {"text": ...}                                           plain text (task lm: every token is trained)
@@ -197,7 +197,8 @@ class Encoded:
     """Tokenized examples (ids, trained flags) and what reading them left out or cut."""
 
     examples: list[tuple[list[int], list[bool]]]
-    truncated: int = 0  # examples cut to the context length
+    truncated: int = 0  # sft: examples cut to the context length
+    split: int = 0  # lm: documents longer than the context, split into several examples
     dropped: int = 0  # examples with nothing left to train on after cutting
     skipped: Skipped = field(default_factory=Skipped)
 
@@ -205,6 +206,8 @@ class Encoded:
         notes = [f"{len(self.examples)} examples"]
         if self.truncated:
             notes.append(f"{self.truncated} cut to the context length")
+        if self.split:
+            notes.append(f"{self.split} long documents split into context-length windows")
         if self.dropped:
             notes.append(f"{self.dropped} dropped (no answer tokens left after cutting)")
         if self.skipped.count:
@@ -213,8 +216,8 @@ class Encoded:
 
 
 def encode_file(path, tokenizer, task: str, max_len: int, skip_bad: bool = False) -> Encoded:
-    """Read a JSONL file for task "sft" (masked chat) or "lm" (plain text); each example is cut to
-    max_len + 1 tokens (max_len model inputs after the shift)."""
+    """Read a JSONL file for task "sft" (masked chat) or "lm" (plain text). An sft example is cut to
+    max_len + 1 tokens (max_len model inputs after the shift); an lm document is split into such windows."""
     skip = Skipped() if skip_bad else None
     out = Encoded([])
     if task == "sft":
@@ -230,6 +233,11 @@ def encode_file(path, tokenizer, task: str, max_len: int, skip_bad: bool = False
             if skip is None:
                 raise GptlabError(str(e)) from None
             skip.add(str(e))
+            continue
+        if len(ids) > max_len + 1 and task == "lm":
+            # a long document becomes consecutive windows sharing one token, so every token is a target once
+            out.split += 1
+            out.examples += [(ids[i:i + max_len + 1], trained[i:i + max_len + 1]) for i in range(0, len(ids) - 1, max_len)]
             continue
         if len(ids) > max_len + 1:
             ids, trained = ids[: max_len + 1], trained[: max_len + 1]

@@ -321,3 +321,14 @@ def test_recipes_are_valid_finetune_configs():
     for path in recipes:
         cfg = load_recipe(FinetuneConfig, path, {})
         assert cfg.method in ("full", "lora") and cfg.task in ("sft", "classify", "lm")
+
+
+def test_long_lm_documents_become_windows_with_every_token_a_target_once(tmp_path, tiny_gpt2_dir):
+    from tests.conftest import pydoc_text
+
+    tok = load_tokenizer(tiny_gpt2_dir)
+    text = pydoc_text(3000)
+    enc = sft.encode_file(write_jsonl(tmp_path / "lm.jsonl", [{"text": text}]), tok, "lm", max_len=100)
+    rows = sft.to_rows(enc.examples, max_len=100)
+    assert enc.split == 1 and len(rows) > 1 and all(len(x) <= 100 for x, _ in rows)
+    assert [t for _, y in rows for t in y] == (tok.encode(text) + [tok.eos_id])[1:]
