@@ -86,13 +86,13 @@ def child(root: Path, method: str, steps: int, device: str, batch_size: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small model and few steps")
-    ap.add_argument("--steps", type=int, default=0, help="optimizer steps per method (default 20, quick 8)")
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps per method (default 8, quick 8)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    steps = args.steps or (8 if args.quick else 20)
+    steps = args.steps or 8
     if args.child:
         print(json.dumps(child(Path(args.root), args.child, steps, args.device, args.batch_size)))
         return
