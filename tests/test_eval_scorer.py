@@ -47,6 +47,9 @@ def requests(tok) -> list[tuple[list[int], list[int]]]:
     long_ctx = tok.encode(" ".join(["the module namespace"] * 60))  # > 128 tokens: truncated on the left
     reqs = [(ctx, c) for c in conts] + [(other, c) for c in conts[:2]] + [(other, conts[3])]
     reqs += [(long_ctx, conts[0]), (long_ctx, conts[3]), (ctx, conts[0])]  # the last one repeats the first
+    # a long context and a short one with long continuations: together they would overflow the 128-slot cache
+    near_full, short = long_ctx[:110], tok.encode("Note")
+    reqs += [(near_full, conts[1]), (near_full, conts[2]), (short, long_ctx[:70]), (short, long_ctx[5:60])]
     return reqs
 
 

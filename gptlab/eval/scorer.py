@@ -35,7 +35,7 @@ Tokens = list[int]
 
 
 class Scorer:
-    """Scores continuations under a gptlab model; `batch_size` counts continuations per forward pass."""
+    """Scores continuations under a gptlab model; `batch_size` bounds the rows of every forward pass."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
                  progress: bool = True) -> None:
@@ -135,15 +135,18 @@ class Scorer:
             yield items[i: i + self.batch_size]
 
     def _batches_shared(self, items):
-        items = sorted(items, key=lambda it: -(len(it[0]) + max(map(len, it[1]))))
-        batch, n = [], 0
+        # up to batch_size contexts per prefill, similar context lengths together; their continuations are
+        # then re-sorted by their own length for the second pass (_score_shared)
+        items = sorted(items, key=lambda it: -len(it[0]))
+        limit = self.model.config.block_size  # the cache holds the longest context + the longest continuation
+        batch, longest = [], 0
         for ctx, conts in items:
-            # a question's choices are never split across batches: they share one prefill
-            if batch and n + len(conts) > self.batch_size:
+            cont = max(map(len, conts))
+            if batch and (len(batch) == self.batch_size or len(batch[0][0]) + max(longest, cont) - 1 > limit):
                 yield batch
-                batch, n = [], 0
+                batch, longest = [], 0
             batch.append((ctx, conts))
-            n += len(conts)
+            longest = max(longest, cont)
         if batch:
             yield batch
 
@@ -172,50 +175,57 @@ class Scorer:
         return _per_request(lp, greedy, rows, len(batch))
 
     def _score_shared(self, batch) -> list[tuple[float, bool]]:
-        """Prefill each context once (left-padded, KV cache), then score all its continuations from the cache."""
+        """Prefill each context once (left-padded, KV cache), then score all its continuations from the cache.
+
+        The context's last position predicts every continuation's first token. The remaining continuation
+        tokens run in passes of batch_size rows, sorted by length (little padding), each row reading a copy
+        of its context's cache rows.
+        """
         model, device = self.model, self.device
         G = len(batch)
         Lc = max(len(ctx) for ctx, _ in batch)
         conts = [(g, cont) for g, (_, cs) in enumerate(batch) for cont in cs]
-        Tk = max(len(c) for _, c in conts) - 1  # continuation tokens fed after the context
+        Tk = max(len(c) for _, c in conts) - 1  # continuation tokens fed after the context, at most
         pad = torch.tensor([Lc - len(ctx) for ctx, _ in batch], device=device)
         pad_lens = pad if bool(pad.any()) else None
         idx = torch.tensor([[0] * (Lc - len(ctx)) + list(ctx) for ctx, _ in batch], device=device)  # (G, Lc)
         self.tokens += sum(len(ctx) for ctx, _ in batch)
+        lp_total = torch.zeros(len(conts), dtype=torch.float64, device=device)
+        misses = torch.zeros(len(conts), dtype=torch.long, device=device)  # non-greedy tokens per continuation
         model.setup_cache(G, Lc + Tk)
         try:
             hidden = model(idx, input_pos=torch.arange(Lc, device=device), pad_lens=pad_lens, return_hidden=True)
-            # the context's last position predicts every continuation's first token
             first = torch.tensor([g for g, _ in conts], device=device)
             lp0, greedy0 = self._head(hidden[first, -1], torch.tensor([c[0] for _, c in conts], device=device))
-            lp_rest = torch.zeros(len(conts), dtype=torch.float64, device=device)
-            misses = torch.zeros(len(conts), dtype=torch.long, device=device)  # non-greedy tokens per continuation
-            longer = [j for j, (_, c) in enumerate(conts) if len(c) > 1]
-            if longer:
-                group_rows = torch.tensor([conts[j][0] for j in longer], device=device)
-                _select_cache_rows(model, group_rows)  # (G, ...) -> one row per continuation
-                idx2 = torch.zeros(len(longer), Tk, dtype=torch.long)
+            lp_total += lp0.double()
+            misses += (~greedy0).long()
+            prefix = [(b.attn.kv_cache.k, b.attn.kv_cache.v) for b in model.blocks]  # (G, nkv, Lc + Tk, hs)
+            longer = sorted((j for j, (_, c) in enumerate(conts) if len(c) > 1), key=lambda j: -len(conts[j][1]))
+            for start in range(0, len(longer), self.batch_size):
+                chunk = longer[start: start + self.batch_size]
+                group_rows = torch.tensor([conts[j][0] for j in chunk], device=device)
+                _select_cache_rows(model, prefix, group_rows)
+                T = len(conts[chunk[0]][1]) - 1  # the chunk's longest (sorted descending)
+                idx2 = torch.zeros(len(chunk), T, dtype=torch.long)
                 rows, cols, targets = [], [], []
-                for r, j in enumerate(longer):
+                for r, j in enumerate(chunk):
                     cont = conts[j][1]
                     idx2[r, : len(cont) - 1] = torch.tensor(cont[:-1])
                     rows += [r] * (len(cont) - 1)
                     cols += range(len(cont) - 1)
                     targets += cont[1:]
                 self.tokens += len(targets)
-                hidden2 = model(idx2.to(device), input_pos=torch.arange(Lc, Lc + Tk, device=device),
+                hidden2 = model(idx2.to(device), input_pos=torch.arange(Lc, Lc + T, device=device),
                                 pad_lens=None if pad_lens is None else pad_lens[group_rows], return_hidden=True)
-                lp, greedy = self._head(hidden2[torch.tensor(rows, device=device), torch.tensor(cols, device=device)],
+                rows_t = torch.tensor(rows, device=device)
+                lp, greedy = self._head(hidden2[rows_t, torch.tensor(cols, device=device)],
                                         torch.tensor(targets, device=device))
-                longer_t = torch.tensor(longer, device=device)
-                row_t = longer_t[torch.tensor(rows, device=device)]
-                lp_rest.index_add_(0, row_t, lp.double())
-                misses.index_add_(0, row_t, (~greedy).long())
+                owner = torch.tensor(chunk, device=device)[rows_t]
+                lp_total.index_add_(0, owner, lp.double())
+                misses.index_add_(0, owner, (~greedy).long())
         finally:
             model.clear_cache()
-        total = lp0.double() + lp_rest
-        ok = greedy0 & (misses == 0)
-        return [(float(t), bool(g)) for t, g in zip(total.tolist(), ok.tolist())]
+        return [(float(t), m == 0) for t, m in zip(lp_total.tolist(), misses.tolist())]
 
     # ---- rolling windows (perplexity) ----
     def rolling_requests(self, tokens: Sequence[int], window: int | None = None,
@@ -259,13 +269,13 @@ def _per_request(lp: torch.Tensor, greedy: torch.Tensor, rows: list[int], n: int
     return [(float(t), m == 0) for t, m in zip(total.tolist(), misses.tolist())]
 
 
-def _select_cache_rows(model, rows: torch.Tensor) -> None:
-    """Re-index every layer's static KV cache along the batch: row i of the new cache is old row rows[i].
+def _select_cache_rows(model, prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> None:
+    """Give every layer a KV cache whose row i is a copy of row rows[i] of `prefix` (that layer's prefilled
+    (G, nkv, S, hs) keys and values): how one prefilled context serves several continuations.
 
-    This is how one prefilled context serves several continuations (model.py's KVCache holds (B, nkv, S, hs)
-    buffers `k` and `v`; `update` writes into them in place, so replacing them keeps the cache usable).
+    model.py's KVCache holds buffers `k` and `v` and `update` writes into them in place, so the copies keep
+    the prefix itself untouched for the next chunk.
     """
-    for block in model.blocks:
-        cache = block.attn.kv_cache
-        cache.k = cache.k.index_select(0, rows)
-        cache.v = cache.v.index_select(0, rows)
+    for block, (k, v) in zip(model.blocks, prefix):
+        block.attn.kv_cache.k = k.index_select(0, rows)
+        block.attn.kv_cache.v = v.index_select(0, rows)
