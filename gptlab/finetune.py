@@ -286,7 +286,7 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
 def finetune_command(model: str, config: FinetuneConfig) -> int:
     """Fine-tune MODEL on a JSONL file: full or LoRA; instruction SFT, classification or plain LM.
 
-    Writes out_dir/final (LoRA: a PEFT adapter dir that peft and vLLM load; full: an HF model dir),
+    Writes out_dir/final (LoRA: an adapter dir in PEFT's layout; full: an HF model dir),
     out_dir/best (best validation metric) and out_dir/last (resume with --resume). Examples:
 
       gptlab finetune gpt2 --data=instructions.jsonl --method=lora --task=sft
