@@ -168,18 +168,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(s + chunk, N)
             logits = (hc[s:e] @ wc.t() if bc is None else torch.addmm(bc, hc[s:e], wc.t())).float()  # (n, V)
             y = labels[s:e]
-            keep = (y != IGNORE_INDEX).unsqueeze(1)  # (n, 1)
+            keep = (y != IGNORE_INDEX).unsqueeze(1).float()  # (n, 1)
             y = y.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            total += ((lse - logits.gather(1, y)) * keep).sum()
-            g = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            g.scatter_add_(1, y, torch.full_like(lse, -1.0))
-            g.mul_(keep)
+            target = logits.gather(1, y)  # (n, 1)
+            # softmax in place, one exp pass over the chunk (logsumexp would make its own shifted copy)
+            peak = logits.amax(dim=-1, keepdim=True)
+            g = logits.sub_(peak).exp_()  # unnormalised probabilities
+            norm = g.sum(dim=-1, keepdim=True)
+            total += ((peak + norm.log() - target) * keep).sum()
+            g.mul_(keep / norm)  # d(sum CE)/d(logits) = softmax - one_hot, zero on ignored rows
+            g.scatter_add_(1, y, -keep)
             g = g.to(dtype)
-            grad_h[s:e] = g @ wc
             if dtype == torch.float32:
+                torch.mm(g, wc, out=grad_h[s:e])
                 grad_w.addmm_(g.t(), hc[s:e])
             else:
+                grad_h[s:e] = g @ wc
                 grad_w += (g.t() @ hc[s:e]).float()
             if grad_b is not None:
                 grad_b += g.float().sum(0)
