@@ -70,14 +70,18 @@ def _doc(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
 
 
 def field_helps(cls: type) -> dict[str, str]:
-    """Help for dataclass fields from `#` comments after them in the source, else from an Args: section."""
+    """Help for dataclass fields from `#` comments after them in the source (a subclass's own comments
+    win over its bases'), else from an Args: section."""
     helps = _doc(cls)[1]
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return helps
-    for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M):
-        helps.setdefault(m.group(1), m.group(2).strip())
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M):
+            helps.setdefault(m.group(1), m.group(2).strip())
     return helps
 
 
