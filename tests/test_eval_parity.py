@@ -80,7 +80,8 @@ def eval_data(tmp_path_factory, tiny_gpt2_dir):
     mc[3]["choices"] = ["a", "the", "is", "of"]  # one-token choices
     text = pydoc_text()
     docs = [{"text": text[i * 2500: (i + 1) * 2500]} for i in range(3)] + [{"text": "Short document."}]
-    for name, rows in (("lambada", lambada), ("mc", mc), ("docs", docs)):
+    prompts = [{"context": " ".join(sents[500 + i].split(" ")[:8])} for i in range(6)]
+    for name, rows in (("lambada", lambada), ("mc", mc), ("docs", docs), ("prompts", prompts)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
     (d / "t_lambada.yaml").write_text("task: t_lambada\noutput_type: loglikelihood\n" + common.format(path=d / "lambada.jsonl") + """\
@@ -106,6 +107,13 @@ metric_list:
   - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
   - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
 """)
+    (d / "t_gen.yaml").write_text("task: t_gen\noutput_type: generate_until\n" + common.format(path=d / "prompts.jsonl") + """\
+doc_to_text: "{{context}}"
+doc_to_target: "{{context}}"
+generation_kwargs: {until: [".", ";"], max_gen_toks: 12, do_sample: false}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+""")
     return d
 
 
@@ -116,10 +124,12 @@ def _harness(model: str, model_dir, data_dir) -> dict[str, dict[str, float]]:
 
     tm = TaskManager(include_path=str(data_dir), include_defaults=False)
     out = lm_eval.simple_evaluate(model=model, model_args=f"pretrained={model_dir},dtype=float32",
-                                  tasks=["t_lambada", "t_mc", "t_roll"], task_manager=tm, batch_size=4,
-                                  device="cpu", bootstrap_iters=0, log_samples=False)
-    return {task: {k.split(",")[0]: v for k, v in r.items() if "," in k and "stderr" not in k}
-            for task, r in out["results"].items()}
+                                  tasks=["t_lambada", "t_mc", "t_roll", "t_gen"], task_manager=tm, batch_size=4,
+                                  device="cpu", bootstrap_iters=0, log_samples=True)
+    metrics = {task: {k.split(",")[0]: v for k, v in r.items() if "," in k and "stderr" not in k}
+               for task, r in out["results"].items()}
+    metrics["generations"] = [s["resps"][0][0] for s in sorted(out["samples"]["t_gen"], key=lambda s: s["doc_id"])]
+    return metrics
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +193,12 @@ def test_batch_size_does_not_change_any_number(ours):
 def test_gptlab_as_a_harness_model_matches_hf(tiny_gpt2_dir, eval_data, harness_hf):
     """The adapter: any harness task runs on a gptlab model and gives the `hf` model's numbers."""
     g = _harness("gptlab", tiny_gpt2_dir, eval_data)
+    # generate_until: greedy continuations cut at the task's stop strings, identical text
+    assert g.pop("generations") == harness_hf["generations"]
+    assert any(harness_hf["generations"])
     for task, metrics in harness_hf.items():
+        if task == "generations":
+            continue
         for k, v in metrics.items():
             assert g[task][k] == pytest.approx(v, rel=REL), (task, k)
             assert math.isfinite(g[task][k])

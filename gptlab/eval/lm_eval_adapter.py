@@ -152,7 +152,8 @@ class GptlabLM(TemplateLM):
                 for i, ids in zip(chunk, generate_ids(self.model, prompts, **sampling)):
                     text = self.tok_decode(ids)
                     for term in until:
-                        text = text.split(term)[0]
+                        if term:  # lm_eval.models.utils.postprocess_generated_text skips empty separators
+                            text = text.split(term)[0]
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
