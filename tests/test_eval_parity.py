@@ -2,7 +2,8 @@
 
 The harness runs its own `hf` model (transformers) on local task YAMLs this module writes (`dataset_path:
 json` + data_files); gptlab's `evaluate` reads the same JSONL. LAMBADA acc + perplexity, multiple-choice
-acc + acc_norm and rolling word / byte perplexity + bits per byte must agree to 1e-4 relative. The data
+acc + acc_norm (zero- and 2-shot) and rolling word / byte perplexity + bits per byte must agree to 1e-4
+relative, and the adapter ("gptlab" as a harness model) must give the `hf` model's numbers and generations. The data
 covers the harness's edge cases: an empty context (scored after the BOS), a context ending in spaces (moved
 to the continuation), contexts longer than the model's 128 positions (truncated on the left), one-token and
 multi-token choices, and LAMBADA targets the model does predict (so acc is not trivially 0).
@@ -107,6 +108,9 @@ metric_list:
   - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
   - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
 """)
+    # 2-shot: examples drawn from the same data by the harness's sampler (seed 1234, the question left out)
+    (d / "t_mc2shot.yaml").write_text((d / "t_mc.yaml").read_text().replace("task: t_mc", "task: t_mc2shot")
+                                      + "fewshot_split: test\nnum_fewshot: 2\n")
     (d / "t_gen.yaml").write_text("task: t_gen\noutput_type: generate_until\n" + common.format(path=d / "prompts.jsonl") + """\
 doc_to_text: "{{context}}"
 doc_to_target: "{{context}}"
@@ -124,11 +128,13 @@ def _harness(model: str, model_dir, data_dir) -> dict[str, dict[str, float]]:
 
     tm = TaskManager(include_path=str(data_dir), include_defaults=False)
     out = lm_eval.simple_evaluate(model=model, model_args=f"pretrained={model_dir},dtype=float32",
-                                  tasks=["t_lambada", "t_mc", "t_roll", "t_gen"], task_manager=tm, batch_size=4,
+                                  tasks=["t_lambada", "t_mc", "t_mc2shot", "t_roll", "t_gen"], task_manager=tm, batch_size=4,
                                   device="cpu", bootstrap_iters=0, log_samples=True)
     metrics = {task: {k.split(",")[0]: v for k, v in r.items() if "," in k and "stderr" not in k}
                for task, r in out["results"].items()}
-    metrics["generations"] = [s["resps"][0][0] for s in sorted(out["samples"]["t_gen"], key=lambda s: s["doc_id"])]
+    samples = {task: sorted(rows, key=lambda s: s["doc_id"]) for task, rows in out["samples"].items()}
+    metrics["generations"] = [s["resps"][0][0] for s in samples["t_gen"]]
+    metrics["2shot_loglikelihoods"] = [[r[0][0] for r in s["resps"]] for s in samples["t_mc2shot"]]
     return metrics
 
 
@@ -169,6 +175,14 @@ def test_multiple_choice_matches_harness(harness_hf, ours):
     assert g["acc"] != g["acc_norm"]  # length normalisation changed some answers, so both are exercised
 
 
+def test_k_shot_multiple_choice_draws_the_harness_examples(harness_hf, tiny_gpt2_dir, eval_data):
+    g = evaluate(tiny_gpt2_dir, "multiple_choice", eval_data / "mc.jsonl", num_fewshot=2, seed=1234, progress=False)
+    assert g.metrics["acc"] == harness_hf["t_mc2shot"]["acc"]
+    assert g.metrics["acc_norm"] == harness_hf["t_mc2shot"]["acc_norm"]
+    for ours, theirs in zip(g.samples, harness_hf["2shot_loglikelihoods"], strict=True):
+        assert ours["loglikelihoods"] == pytest.approx(theirs, rel=REL)
+
+
 def test_rolling_perplexity_matches_harness(harness_hf, ours):
     h, g = harness_hf["t_roll"], ours[3]["roll"].metrics
     for k in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
@@ -194,10 +208,11 @@ def test_gptlab_as_a_harness_model_matches_hf(tiny_gpt2_dir, eval_data, harness_
     """The adapter: any harness task runs on a gptlab model and gives the `hf` model's numbers."""
     g = _harness("gptlab", tiny_gpt2_dir, eval_data)
     # generate_until: greedy continuations cut at the task's stop strings, identical text
-    assert g.pop("generations") == harness_hf["generations"]
+    assert g["generations"] == harness_hf["generations"]
     assert any(harness_hf["generations"])
+    assert g["2shot_loglikelihoods"] == [pytest.approx(x, rel=REL) for x in harness_hf["2shot_loglikelihoods"]]
     for task, metrics in harness_hf.items():
-        if task == "generations":
+        if task in ("generations", "2shot_loglikelihoods"):
             continue
         for k, v in metrics.items():
             assert g[task][k] == pytest.approx(v, rel=REL), (task, k)
