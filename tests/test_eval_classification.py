@@ -77,7 +77,7 @@ def test_labels_default_to_the_sorted_set_in_the_data(model_and_tok, tmp_path):
 
 def test_bad_rows_name_their_line(model_and_tok, tmp_path):
     model, tok = model_and_tok
-    data = write(tmp_path / "cls.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": "w"}])
+    data = write(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in (("a", "x"), ("b", "y"), ("c", "w"))])
     with pytest.raises(GptlabError, match=r"cls.jsonl:3: label 'w' is not one of"):
         evaluate(model, "classification", data, tokenizer=tok, labels=["x", "y"], progress=False)
     data = write(tmp_path / "cls2.jsonl", [{"text": "a", "label": "x"}, {"body": "b", "label": "y"}])

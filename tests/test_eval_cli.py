@@ -43,8 +43,10 @@ def test_eval_prints_a_table_and_writes_json(tiny_gpt2_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["n"] == 3 and set(result["metrics"]) == {"acc", "acc_norm"}
     assert result["config"]["batch_size"] == 2 and len(result["samples"]) == 3
-    assert result["stderr"]["acc"] == pytest.approx((sum((a - result["metrics"]["acc"]) ** 2 for a in
-                                                         [float(s["pred"] == s["label"]) for s in result["samples"]]) / 2) ** 0.5 / 3 ** 0.5)
+    hits = [float(s["pred"] == s["label"]) for s in result["samples"]]
+    mean = sum(hits) / 3
+    assert result["metrics"]["acc"] == mean
+    assert result["stderr"]["acc"] == pytest.approx((sum((h - mean) ** 2 for h in hits) / 2) ** 0.5 / 3 ** 0.5)
 
 
 def test_perplexity_of_a_text_file(tiny_gpt2_dir, tmp_path, capsys, corpus_text):

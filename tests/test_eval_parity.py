@@ -3,10 +3,10 @@
 The harness runs its own `hf` model (transformers) on local task YAMLs this module writes (`dataset_path:
 json` + data_files); gptlab's `evaluate` reads the same JSONL. LAMBADA acc + perplexity, multiple-choice
 acc + acc_norm (zero- and 2-shot) and rolling word / byte perplexity + bits per byte must agree to 1e-4
-relative, and the adapter ("gptlab" as a harness model) must give the `hf` model's numbers and generations. The data
-covers the harness's edge cases: an empty context (scored after the BOS), a context ending in spaces (moved
-to the continuation), contexts longer than the model's 128 positions (truncated on the left), one-token and
-multi-token choices, and LAMBADA targets the model does predict (so acc is not trivially 0).
+relative, and the adapter ("gptlab" as a harness model) must give the `hf` model's numbers and generations.
+The data covers the harness's edge cases: an empty context (scored after the BOS), a context ending in
+spaces (moved to the continuation), contexts longer than the model's 128 positions (truncated on the left),
+one-token and multi-token choices, and LAMBADA targets the model does predict (so acc is not trivially 0).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def eval_data(tmp_path_factory, tiny_gpt2_dir):
     d = tmp_path_factory.mktemp("eval-data")
     sents = _sentences()
     rng = random.Random(0)
-    lambada = [{"text": s.rstrip(".")} for s in sents[:24]] + [{"text": t} for t in _predicted_word_passages(tiny_gpt2_dir, sents[300:], 6)]
+    lambada = [{"text": s.rstrip(".")} for s in sents[:24]]
+    lambada += [{"text": t} for t in _predicted_word_passages(tiny_gpt2_dir, sents[300:], 6)]
     mc = []
     for i in range(20):
         words = sents[100 + i].split(" ")
@@ -85,14 +86,18 @@ def eval_data(tmp_path_factory, tiny_gpt2_dir):
     for name, rows in (("lambada", lambada), ("mc", mc), ("docs", docs), ("prompts", prompts)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
-    (d / "t_lambada.yaml").write_text("task: t_lambada\noutput_type: loglikelihood\n" + common.format(path=d / "lambada.jsonl") + """\
+
+    def head(task: str, output_type: str, data: str) -> str:
+        return f"task: {task}\noutput_type: {output_type}\n" + common.format(path=d / data)
+
+    (d / "t_lambada.yaml").write_text(head("t_lambada", "loglikelihood", "lambada.jsonl") + """\
 doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
 doc_to_target: "{{' '+text.split(' ')[-1]}}"
 metric_list:
   - {metric: perplexity, aggregation: perplexity, higher_is_better: false}
   - {metric: acc, aggregation: mean, higher_is_better: true}
 """)
-    (d / "t_mc.yaml").write_text("task: t_mc\noutput_type: multiple_choice\n" + common.format(path=d / "mc.jsonl") + """\
+    (d / "t_mc.yaml").write_text(head("t_mc", "multiple_choice", "mc.jsonl") + """\
 doc_to_text: "{{context}}"
 doc_to_target: "{{label}}"
 doc_to_choice: "{{choices}}"
@@ -100,7 +105,7 @@ metric_list:
   - {metric: acc, aggregation: mean, higher_is_better: true}
   - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """)
-    (d / "t_roll.yaml").write_text("task: t_roll\noutput_type: loglikelihood_rolling\n" + common.format(path=d / "docs.jsonl") + """\
+    (d / "t_roll.yaml").write_text(head("t_roll", "loglikelihood_rolling", "docs.jsonl") + """\
 doc_to_text: ""
 doc_to_target: "{{text}}"
 metric_list:
@@ -111,7 +116,7 @@ metric_list:
     # 2-shot: examples drawn from the same data by the harness's sampler (seed 1234, the question left out)
     (d / "t_mc2shot.yaml").write_text((d / "t_mc.yaml").read_text().replace("task: t_mc", "task: t_mc2shot")
                                       + "fewshot_split: test\nnum_fewshot: 2\n")
-    (d / "t_gen.yaml").write_text("task: t_gen\noutput_type: generate_until\n" + common.format(path=d / "prompts.jsonl") + """\
+    (d / "t_gen.yaml").write_text(head("t_gen", "generate_until", "prompts.jsonl") + """\
 doc_to_text: "{{context}}"
 doc_to_target: "{{context}}"
 generation_kwargs: {until: [".", ";"], max_gen_toks: 12, do_sample: false}
@@ -128,8 +133,8 @@ def _harness(model: str, model_dir, data_dir) -> dict[str, dict[str, float]]:
 
     tm = TaskManager(include_path=str(data_dir), include_defaults=False)
     out = lm_eval.simple_evaluate(model=model, model_args=f"pretrained={model_dir},dtype=float32",
-                                  tasks=["t_lambada", "t_mc", "t_mc2shot", "t_roll", "t_gen"], task_manager=tm, batch_size=4,
-                                  device="cpu", bootstrap_iters=0, log_samples=True)
+                                  tasks=["t_lambada", "t_mc", "t_mc2shot", "t_roll", "t_gen"], task_manager=tm,
+                                  batch_size=4, device="cpu", bootstrap_iters=0, log_samples=True)
     metrics = {task: {k.split(",")[0]: v for k, v in r.items() if "," in k and "stderr" not in k}
                for task, r in out["results"].items()}
     samples = {task: sorted(rows, key=lambda s: s["doc_id"]) for task, rows in out["samples"].items()}
@@ -146,9 +151,10 @@ def harness_hf(tiny_gpt2_dir, eval_data):
 @pytest.fixture(scope="module")
 def ours(tiny_gpt2_dir, eval_data):
     """gptlab's numbers at batch sizes 1, 3 and 64 (a batch that holds everything)."""
-    return {bs: {"lambada": evaluate(tiny_gpt2_dir, "lambada", eval_data / "lambada.jsonl", batch_size=bs, progress=False),
-                 "mc": evaluate(tiny_gpt2_dir, "multiple_choice", eval_data / "mc.jsonl", batch_size=bs, progress=False),
-                 "roll": evaluate(tiny_gpt2_dir, "perplexity", eval_data / "docs.jsonl", batch_size=bs, progress=False)}
+    runs = {"lambada": ("lambada", "lambada.jsonl"), "mc": ("multiple_choice", "mc.jsonl"),
+            "roll": ("perplexity", "docs.jsonl")}
+    return {bs: {name: evaluate(tiny_gpt2_dir, task, eval_data / data, batch_size=bs, progress=False)
+                 for name, (task, data) in runs.items()}
             for bs in (1, 3, 64)}
 
 

@@ -124,7 +124,8 @@ def test_smaller_strides_give_lower_or_equal_perplexity(tiny_tokenizer):
 def test_wikitext_detokenizer_and_counts_on_the_original(scorer):
     from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
-    raw = " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a 1 @,@ 000 @-@ seat role in ( 2000 ) . "
+    raw = (" = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . "
+           "He had a 1 @,@ 000 @-@ seat role in ( 2000 ) . ")
     assert wikitext_detokenize(raw) == (
         " = Robert Boulter =\nRobert Boulter is an English film, television and theatre actor. "
         "He had a 1,000-seat role in (2000). "

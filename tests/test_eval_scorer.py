@@ -43,7 +43,7 @@ def reference(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
 def requests(tok) -> list[tuple[list[int], list[int]]]:
     ctx = tok.encode("The try statement specifies exception handlers")
     other = tok.encode("A class definition defines a class object")
-    conts = [tok.encode(" and cleanup code"), tok.encode(" for"), tok.encode(" x"), tok.encode(" in a group of statements")]
+    conts = [tok.encode(t) for t in (" and cleanup code", " for", " x", " in a group of statements")]
     long_ctx = tok.encode(" ".join(["the module namespace"] * 60))  # > 128 tokens: truncated on the left
     reqs = [(ctx, c) for c in conts] + [(other, c) for c in conts[:2]] + [(other, conts[3])]
     reqs += [(long_ctx, conts[0]), (long_ctx, conts[3]), (ctx, conts[0])]  # the last one repeats the first

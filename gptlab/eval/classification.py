@@ -68,8 +68,10 @@ def evaluate_classification(scorer: Scorer, docs: list[Doc], labels: list[str] |
             raise GptlabError(f"{at}: label {label!r} is not one of {labels}")
     shots = None
     if fewshot_docs is not None:
-        shots = [(render(template, d, where("fewshot data", d, i)), require(d, "label", str, where("fewshot data", d, i)))
-                 for i, d in enumerate(fewshot_docs)]
+        shots = []
+        for i, d in enumerate(fewshot_docs):
+            at = where("fewshot data", d, i)
+            shots.append((render(template, d, at), require(d, "label", str, at)))
     prefixes = fewshot_contexts([(p, lab) for p, lab, _ in rows], shots, num_fewshot, seed, lambda r: r)
     pairs = [(prefix + prompt, " " + label) for prefix, (prompt, _, _) in zip(prefixes, rows) for label in labels]
     seconds, tokens = scorer.seconds, scorer.tokens

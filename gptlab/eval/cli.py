@@ -81,9 +81,9 @@ def eval_command(
         raise GptlabError("--task is required (perplexity, lambada, multiple_choice, qa, classification, "
                           "or a benchmark name such as hellaswag)")
     options = dict(window=window, stride=stride, detokenize=detokenize, num_fewshot=num_fewshot,
-                   fewshot_data=fewshot_data, seed=seed, labels=labels or None, template=template and _unescape(template),
-                   max_new_tokens=max_new_tokens, stop=None if stop is None else [_unescape(s) for s in stop],
-                   strip_think=strip_think, chat=chat)
+                   fewshot_data=fewshot_data, seed=seed, labels=labels or None,
+                   template=template and _unescape(template), max_new_tokens=max_new_tokens,
+                   stop=None if stop is None else [_unescape(s) for s in stop], strip_think=strip_think, chat=chat)
     result = evaluate(model, task, data, limit=limit, batch_size=batch_size, dtype=dtype, device=device,
                       progress=progress, **options)
     print(result.table())

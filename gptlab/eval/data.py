@@ -45,7 +45,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Doc]:
 def require(doc: Doc, field: str, kind: type | tuple[type, ...], where: str) -> Any:
     """doc[field], checked to be of `kind`; the error names the row (`where`, e.g. "data.jsonl:12")."""
     if field not in doc:
-        raise GptlabError(f"{where}: missing field {field!r} (has {', '.join(k for k in doc if k != '_line') or 'none'})")
+        present = ", ".join(k for k in doc if k != "_line") or "none"
+        raise GptlabError(f"{where}: missing field {field!r} (has {present})")
     value = doc[field]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
@@ -135,7 +136,8 @@ def load_docs(data: str | Path, limit: int | None = None, text_ok: bool = False)
         if path.suffix in (".jsonl", ".json", ".ndjson"):
             return read_jsonl(path, limit)
         if not text_ok:
-            raise GptlabError(f"{path}: this task reads JSONL (one JSON object per line); got a {path.suffix or 'plain'} file")
+            raise GptlabError(f"{path}: this task reads JSONL (one JSON object per line, a .jsonl file); "
+                              f"got a {path.suffix or 'plain'} file")
         try:
             return [{"text": path.read_text(encoding="utf-8")}]
         except UnicodeDecodeError as e:

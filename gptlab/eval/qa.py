@@ -117,11 +117,14 @@ def evaluate_qa(model, tokenizer, docs: list[Doc], batch_size: int = 16, templat
         raise GptlabError(f"{source}: no questions to evaluate")
     pool = None
     if fewshot_docs is not None:
-        pool = [(d, require(d, "question", str, where("fewshot data", d, i)), _references(d, where("fewshot data", d, i)), "")
-                for i, d in enumerate(fewshot_docs)]
+        pool = []
+        for i, d in enumerate(fewshot_docs):
+            at = where("fewshot data", d, i)
+            pool.append((d, require(d, "question", str, at), _references(d, at), at))
     if chat:
         shots = _chat_shots(rows, pool, num_fewshot, seed)
-        prompts = [tokenizer.apply_chat_template(s + [{"role": "user", "content": q}]) for s, (_, q, _, _) in zip(shots, rows)]
+        prompts = [tokenizer.apply_chat_template(turns + [{"role": "user", "content": q}])
+                   for turns, (_, q, _, _) in zip(shots, rows)]
         stop = [] if stop is None else stop
     else:
         prefixes = fewshot_contexts(rows, pool, num_fewshot, seed, lambda r: (render(template, r[0], r[3]), r[2][0]))
