@@ -66,6 +66,18 @@ def test_every_path_reproduces_the_definition(scorer):
                 assert greedy == ref_greedy
 
 
+def test_output_head_chunks_do_not_change_scores(scorer, monkeypatch):
+    import gptlab.eval.scorer as module
+
+    reqs = requests(scorer.tokenizer)
+    scorer.batch_size = 8
+    whole = scorer.loglikelihood_tokens(reqs)
+    monkeypatch.setattr(module, "HEAD_ROWS", 3)  # many chunks, some ragged
+    chunked = scorer.loglikelihood_tokens(reqs)
+    assert [g for _, g in chunked] == [g for _, g in whole]
+    assert [lp for lp, _ in chunked] == pytest.approx([lp for lp, _ in whole], rel=1e-6)
+
+
 def test_identical_requests_run_once(scorer):
     reqs = requests(scorer.tokenizer)
     before = scorer.tokens

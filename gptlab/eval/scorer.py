@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from gptlab.errors import GptlabError
 
 Tokens = list[int]
+HEAD_ROWS = 2048  # positions per output-head chunk (bounds the logits' memory, see Scorer._head)
 
 
 class Scorer:
@@ -151,10 +152,17 @@ class Scorer:
             yield batch
 
     def _head(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-prob of each target and whether it is the argmax, from final hidden states (N, C)."""
-        logits = self.model.lm_head(hidden).float()  # (N, V)
-        logp = F.log_softmax(logits, dim=-1)
-        return logp.gather(1, targets[:, None]).squeeze(1), logits.argmax(dim=-1) == targets
+        """Log-prob of each target and whether it is the argmax, from final hidden states (N, C).
+
+        In chunks of HEAD_ROWS positions: a batch of 16 full GPT-2 windows would otherwise hold 16K x 50K
+        fp32 logits (3.3 GB) twice over, which is what the harness's full-sequence log_softmax costs.
+        """
+        lps, greedy = [], []
+        for h, t in zip(hidden.split(HEAD_ROWS), targets.split(HEAD_ROWS)):
+            logits = self.model.lm_head(h).float()  # (n, V)
+            lps.append(F.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1))
+            greedy.append(logits.argmax(dim=-1) == t)
+        return torch.cat(lps), torch.cat(greedy)
 
     def _score_single(self, batch) -> list[tuple[float, bool]]:
         """One forward pass over context + continuation[:-1] per row (right-padded, no cache)."""
