@@ -13,21 +13,12 @@ labels, so they share one prefill). Reported:
 
 from __future__ import annotations
 
-from gptlab.eval.data import Doc, fewshot_contexts, require, where
+from gptlab.eval.data import Doc, fewshot_contexts, render, require, where
 from gptlab.eval.results import EvalResult, mean_stderr
 from gptlab.eval.scorer import Scorer
 from gptlab.errors import GptlabError
 
 DEFAULT_TEMPLATE = "{text}\nLabel:"
-
-
-def render(template: str, doc: Doc, at: str) -> str:
-    try:
-        return template.format(**doc)
-    except KeyError as e:
-        raise GptlabError(f"{at}: the template uses field {e.args[0]!r}, which this row lacks") from None
-    except (IndexError, ValueError) as e:
-        raise GptlabError(f"template {template!r} is not a valid format string: {e}") from None
 
 
 def class_metrics(labels: list[str], gold: list[int], pred: list[int]) -> dict:

@@ -59,6 +59,16 @@ def where(source: str, doc: Doc, index: int) -> str:
     return f"{source}:{doc['_line']}" if "_line" in doc else f"{source}[{index}]"
 
 
+def render(template: str, doc: Doc, at: str) -> str:
+    """`template.format(**doc)`; a field the row lacks is an error naming the row (`at`)."""
+    try:
+        return template.format(**doc)
+    except KeyError as e:
+        raise GptlabError(f"{at}: the template uses field {e.args[0]!r}, which this row lacks") from None
+    except (IndexError, ValueError) as e:
+        raise GptlabError(f"template {template!r} is not a valid format string: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # standard benchmarks, converted as the harness's task YAMLs do (lm_eval/tasks/<name>/)
 

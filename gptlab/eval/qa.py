@@ -104,8 +104,7 @@ def evaluate_qa(model, tokenizer, docs: list[Doc], batch_size: int = 16, templat
                 seed: int = 1234, rel_tol: float = 0.0, progress: bool = True, source: str = "data") -> EvalResult:
     from tqdm.auto import tqdm
 
-    from gptlab.eval.classification import render
-    from gptlab.eval.data import fewshot_contexts
+    from gptlab.eval.data import fewshot_contexts, render
     from gptlab.generate import generate
 
     template = template or DEFAULT_TEMPLATE
@@ -157,7 +156,7 @@ def evaluate_qa(model, tokenizer, docs: list[Doc], batch_size: int = 16, templat
         samples.append({"question": q, "references": refs, "output": out, "answer": answer, **s})
     metrics = {k: sum(v) / len(v) for k, v in per_metric.items()}
     stderr = {k: mean_stderr(v) for k, v in per_metric.items()}
-    metrics["numeric_acc"] = sum(numeric) / len(numeric) if numeric else float("nan")
+    metrics["numeric_acc"] = sum(numeric) / len(numeric) if numeric else None  # no reference holds a number
     stderr["numeric_acc"] = mean_stderr(numeric)
     return EvalResult(task="qa", metrics=metrics, stderr=stderr, n=len(rows), seconds=seconds, tokens=generated,
                       config={"template": None if chat else template, "chat": chat, "stop": stop,

@@ -46,7 +46,7 @@ class EvalResult:
     """Metrics of one task on one model. `metrics` and `stderr` share keys (stderr None where not defined)."""
 
     task: str
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]  # None: undefined here (e.g. numeric_acc without numeric questions)
     stderr: dict[str, float | None]
     n: int  # examples (documents for perplexity)
     seconds: float = 0.0  # wall time of the scoring / generation
@@ -98,7 +98,9 @@ class EvalResult:
 
 
 def _fmt(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and math.isnan(v):
         return "nan"
     if isinstance(v, float) and (abs(v) >= 1e5 or v.is_integer() and abs(v) >= 1000):
         return f"{v:.4g}"
