@@ -294,4 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the imported module, where the commands register (not this __main__ copy)
+    from gptlab.cli import main as _main
+
+    sys.exit(_main())
