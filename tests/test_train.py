@@ -90,6 +90,13 @@ def test_linear_cross_entropy_equals_cross_entropy_with_its_gradients():
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # evaluation takes the path without gradients
         torch.testing.assert_close(linear_cross_entropy(h, w, None, y), F.cross_entropy(h @ w.t(), y, reduction="sum"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 softmax, fp32 gradients out
+        low = linear_cross_entropy(h, w, b, y, chunk=8)
+        low_grads = torch.autograd.grad(low * 0.3, (h, w, b))
+    assert low.dtype == torch.float32 and all(g.dtype == torch.float32 for g in low_grads)
+    torch.testing.assert_close(low, ref, rtol=2e-2, atol=0.0)
+    for g, r in zip(low_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0.0, atol=5e-2 * r.abs().max().item())
 
 
 def test_loss_is_the_mean_over_counted_tokens_however_the_batch_is_split(pydocs):
