@@ -89,7 +89,7 @@ def bench(dtype: str, steps: int, rounds: int, warmup: int) -> None:
             t = time.perf_counter()
             for _ in range(steps):
                 loss = step(x)
-            float(loss)
+            float(loss.detach())  # waits for the last step to finish
             rates[name].append(B * T * steps / (time.perf_counter() - t))
     ratios = [g / h for g, h in zip(rates["gptlab"], rates["transformers"])]
     hf, ours = statistics.median(rates["transformers"]), statistics.median(rates["gptlab"])
