@@ -727,7 +727,10 @@ class Trainer:
                     self.save_checkpoint("last")
                     self._print(bar, f"stopped at step {self.step} (stop_at_step); --resume continues")
                     return {**last_metrics, "stopped": True}
-            last_metrics = {**last_metrics, **self._eval_and_track(bar)}
+            if not (self.history and self.history[-1]["step"] == self.step):  # early stop just evaluated
+                last_metrics = {**last_metrics, **self._eval_and_track(bar)}
+            else:
+                last_metrics = {**last_metrics, **{k: v for k, v in self.history[-1].items() if k != "step"}}
             self.save_checkpoint("last")
         finally:
             bar.close()

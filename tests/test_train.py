@@ -190,6 +190,34 @@ def test_resume_after_sigkill_is_bit_identical(pydocs, tmp_path):
     assert losses(out) == losses(tmp_path / "full")
 
 
+def test_hooks_parameters_metrics_early_stopping_and_keep_best(pydocs, tmp_path):
+    """Only the given parameters move; metrics_fn's values drive best/ and early stopping; callbacks see events."""
+    vocab = read_manifest(pydocs)["vocab_size"]
+    model = tiny_model(vocab, dropout=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = list(model.blocks[0].mlp.parameters())
+    scores = iter([1.0, 3.0, 2.0, 2.5, 0.5, 9.0])  # best at the 2nd evaluation, then 2 without a new best
+    events = []
+    cfg = LoopConfig(out_dir=str(tmp_path / "hooks"), max_steps=40, batch_size=2, warmup_steps=1, eval_every=2,
+                     eval_batches=1, precision="fp32", quiet=True, best_metric="score", maximize=True, patience=2)
+    trainer = Trainer(model, TokenWindows(pydocs, "train", 32, 2), TokenWindows(pydocs, "val", 32, 2, shuffle=False),
+                      cfg, parameters=trained, metrics_fn=lambda m, val, t: {"score": next(scores)},
+                      callbacks=[lambda t, event, record: events.append((event, record["step"]))],
+                      device=torch.device("cpu"))
+    trainer.fit()
+    assert trainer.step == 8 and trainer.best == 3.0  # stopped early: evaluations at 2, 4 (best), 6, 8
+    assert [s for e, s in events if e == "eval"] == [2, 4, 6, 8]  # no second evaluation of step 8 at the end
+    assert [s for e, s in events if e == "step"] == list(range(1, 9))
+    ids = {id(p) for p in trained}
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (id(p) in ids), name
+    from gptlab import load
+
+    best = load(tmp_path / "hooks" / "best")  # the weights after step 4: neither the initial nor the final ones
+    assert not torch.equal(best.blocks[0].mlp.fc.weight, model.blocks[0].mlp.fc.weight)
+    assert not torch.equal(best.blocks[0].mlp.fc.weight, before["blocks.0.mlp.fc.weight"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # distributed
 
