@@ -50,7 +50,11 @@ def main() -> None:
     prompt = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
     print(f"GPT-2 124M, random weights, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    rows = []
+    print(f"{'benchmark':<28}{'transformers tok/s':>20}{'gptlab tok/s':>16}{'ratio':>8}", flush=True)
+
+    def report(label: str, a: float, b: float) -> None:
+        print(f"{label:<28}{a:>20.1f}{b:>16.1f}{b / a:>7.2f}x", flush=True)
+
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
         hf = hf_fp32.to(dtype)
@@ -66,7 +70,7 @@ def main() -> None:
 
         run_hf(), run_ours()  # warm-up: first use of memory in a fresh process is slow
         t_hf, t_ours = _median_time(run_hf, repeats), _median_time(run_ours, repeats)
-        rows.append((f"decode b=1 {name}", new_tokens / t_hf, new_tokens / t_ours))
+        report(f"decode b=1 {name}", new_tokens / t_hf, new_tokens / t_ours)
 
         if not args.skip_forward:
             x = torch.randint(0, 50257, (8, 256 if args.quick else 1024), generator=torch.Generator().manual_seed(1))
@@ -81,11 +85,8 @@ def main() -> None:
 
             fwd_hf(), fwd_ours()
             t_hf, t_ours = _median_time(fwd_hf, repeats), _median_time(fwd_ours, repeats)
-            rows.append((f"forward {x.shape[0]}x{x.shape[1]} {name}", x.numel() / t_hf, x.numel() / t_ours))
+            report(f"forward {x.shape[0]}x{x.shape[1]} {name}", x.numel() / t_hf, x.numel() / t_ours)
         del ours
-    print(f"{'benchmark':<28}{'transformers tok/s':>20}{'gptlab tok/s':>16}{'ratio':>8}")
-    for label, a, b in rows:
-        print(f"{label:<28}{a:>20.1f}{b:>16.1f}{b / a:>7.2f}x")
 
 
 if __name__ == "__main__":

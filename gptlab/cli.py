@@ -114,6 +114,8 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, tp: Any, default: 
     tp = _unwrap_optional(tp)
     origin = get_origin(tp)
     flags = [name] if positional else list(dict.fromkeys(["--" + name.replace("_", "-"), "--" + name]))
+    if name == "out":
+        flags.insert(0, "-o")  # `gptlab tokenizer train CORPUS -o DIR`, `gptlab prepare ... -o DATA`
     kw: dict[str, Any] = {"help": help or None}
     if not positional:
         kw["dest"] = name
