@@ -8,6 +8,7 @@ The loader, the saver, the LoRA adapter export and the tests all read these tabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -599,20 +600,27 @@ def save(
     tensors = {k: v.to("cpu").contiguous() for k, v in ours_to_hf(config, state).items()}
     tensors.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
     hf_config.update(extra_config or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config[k] is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "gptlab_config": json.dumps(config.to_dict())})
         if tokenizer is not None:
             tokenizer.save(tmp)
-        replace_dir(tmp, path)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Path):
+    """Yield a hidden temporary dir beside `dest`; on success it replaces `dest`, on error it is removed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def replace_dir(new: Path, dest: Path) -> None:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,7 +350,7 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
-    from gptlab.hf import replace_dir
+    from gptlab.hf import staged_dir
 
     tensors, fields = peft_state(model)
     extra = extra_tensors or {}
@@ -360,18 +358,12 @@ def save_adapter(
     modules = sorted({k.rsplit(".", 1)[0] for k in extra})
     fields.update(task_type=task_type, base_model_name_or_path=base_model, modules_to_save=modules or None)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(fields, indent=2) + "\n")
         save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
