@@ -5,6 +5,7 @@
 
 Batch-1 decode: 32-token prompt, 128 new tokens, greedy (both stop only at max_new_tokens). Forward
 throughput: 8 x 1024 tokens, no grad. Prints tokens/s for each and gptlab / transformers.
+GPTLAB_KERNELS=0 runs gptlab on plain F.linear (see gptlab/kernels), to show what the kernels add.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> None:
     prompt = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
     print(f"GPT-2 124M, random weights, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
+    from gptlab import kernels
+
+    print("gptlab cpu kernels: " + "; ".join(f"{k}: {v}" for k, v in kernels.status().items()))
     print(f"{'benchmark':<28}{'transformers tok/s':>20}{'gptlab tok/s':>16}{'ratio':>8}", flush=True)
 
     def report(label: str, a: float, b: float) -> None:

@@ -561,7 +561,9 @@ def load(
                 f"weight shape mismatch for {name}: checkpoint has {tuple(t.shape)}, config.json implies "
                 f"{tuple(expected[name].shape)}"
             )
-        sd[name] = t.to(device=device, dtype=dtype)
+        # contiguous (out, in) rows for every family: GPT-2's Conv1D (in, out) views are copied once here,
+        # since row-major weights are what the decode kernels stream fastest (gptlab/kernels)
+        sd[name] = t.to(device=device, dtype=dtype).contiguous()
     leftover = [k for k in tensors if not k.endswith(("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq"))]
     if leftover and not (config.tie_embeddings and leftover == ["lm_head.weight"]):
         raise GptlabError(f"{path} has weights gptlab does not expect for {config.model_type}: {', '.join(leftover[:5])}")

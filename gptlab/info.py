@@ -238,6 +238,9 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
     if path is not None:
         lines.append(("tokenizer", _tokenizer_str(path)))
         lines.append(("files", _weights_str(path) if kind == "dir" else "weights not fetched (info reads config.json)"))
+    from gptlab import kernels
+
+    lines.append(("cpu kernels", "; ".join(f"{k}: {v}" for k, v in kernels.status().items())))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.model import Linear, linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -84,7 +85,7 @@ class LoRALinear(nn.Linear):
         return self.scales[k] * (self.lora_B[k].float() @ self.lora_A[k].float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.merged or not self.spans:
             return y
         h = self.lora_dropout(x)
@@ -282,7 +283,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, plain)

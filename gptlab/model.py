@@ -18,12 +18,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptlab import kernels
 from gptlab.config import Config
 from gptlab.errors import GptlabError
 
 
 # ---------------------------------------------------------------------------------------------------------
 # pieces
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; without autograd on the CPU, the faster kernel for the shape (gptlab/kernels: decode GEMV)."""
+    if not torch.is_grad_enabled() and x.device.type == "cpu":
+        y = kernels.cpu_linear(x, weight, bias)
+        if y is not None:
+            return y
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward is `linear` above (same parameters, same state-dict names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -101,8 +118,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         # q, k and v in one matmul, rows ordered [q; k; v] (hf.py splits / joins each family's layout)
-        self.qkv = nn.Linear(config.n_embd, config.qkv_dim, bias=config.qkv_bias)
-        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.attn_out_bias)
+        self.qkv = Linear(config.n_embd, config.qkv_dim, bias=config.qkv_bias)
+        self.proj = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.attn_out_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
@@ -142,8 +159,8 @@ class MLP(nn.Module):
     def __init__(self, config: Config, hidden: int) -> None:
         super().__init__()
         self.glu = config.mlp != "mlp"
-        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.glu else hidden, bias=config.mlp_bias)
-        self.proj = nn.Linear(hidden, config.n_embd, bias=config.mlp_bias)
+        self.fc = Linear(config.n_embd, 2 * hidden if self.glu else hidden, bias=config.mlp_bias)
+        self.proj = Linear(hidden, config.n_embd, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,14 +183,14 @@ class MoE(nn.Module):
         super().__init__()
         E, I, C = config.n_expert, config.moe_intermediate_size, config.n_embd
         self.top_k, self.norm_topk_prob = config.n_expert_per_token, config.norm_topk_prob
-        self.router = nn.Linear(C, E, bias=False)
+        self.router = Linear(C, E, bias=False)
         self.gate_up = nn.Parameter(torch.empty(E, 2 * I, C))
         self.down = nn.Parameter(torch.empty(E, C, I))
         self.act = ACTIVATIONS[config.activation]
         self.shared = None
         if config.shared_expert_intermediate_size:
             self.shared = MLP(config, config.shared_expert_intermediate_size)
-            self.shared_gate = nn.Linear(C, 1, bias=False)
+            self.shared_gate = Linear(C, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -186,8 +203,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
-            gate, up = F.linear(x[token], self.gate_up[e]).chunk(2, dim=-1)
-            h = F.linear(self.act(gate) * up, self.down[e]) * weights[token, slot, None]
+            gate, up = linear(x[token], self.gate_up[e]).chunk(2, dim=-1)
+            h = linear(self.act(gate) * up, self.down[e]) * weights[token, slot, None]
             out.index_add_(0, token, h)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
@@ -233,7 +250,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config, config.n_embd) if config.final_norm else nn.Identity()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.init_buffers()

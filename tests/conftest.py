@@ -6,6 +6,7 @@ Everything is built here, offline, in a few seconds: no weights or data come fro
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GPTLAB_CACHE", tempfile.mkdtemp(prefix="gptlab-test-cache-"))  # kernels build here
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

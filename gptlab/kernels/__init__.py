@@ -1,0 +1,146 @@
+"""Faster CPU kernels for inference-time linear layers (no autograd).
+
+Batch-1 decode is a string of matrix-vector products: it reads every weight once per token, so its speed
+is the memory bandwidth a kernel reaches. On AVX2 machines torch's default BLAS path streams weights at
+about half the machine's read bandwidth; gptlab picks, per call:
+
+- `gemv.c` (ours, AVX2 + FMA) for up to `MAX_ROWS` rows with fp32 or bf16 row-major (out, in) weights,
+  which is how gptlab.load lays out every family (GPT-2's Conv1D weights are transposed once there).
+  bf16 weights are half the bytes, and this works on CPUs without bf16 arithmetic, where torch emulates
+  it. Compiled once with the system C compiler into the user cache (`$GPTLAB_CACHE`, else
+  `$XDG_CACHE_HOME/gptlab`, else ~/.cache/gptlab) and loaded with ctypes; no compiler, another CPU or
+  another OS: skipped.
+- oneDNN's inner product (bundled with torch) for up to 128 rows, and for vocabulary-sized heads at any
+  row count, where it beats the default path too.
+- otherwise None: the caller uses F.linear.
+
+`GPTLAB_KERNELS=0` turns all of this off (plain F.linear everywhere). `status()` says what is in use and
+why; `gptlab info` prints it. bench/bench_inference.py measures the effect against transformers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 8  # our kernel reuses each weight chunk for every row; past ~8 rows a blocked GEMM wins
+ONEDNN_MAX_ROWS = 128  # measured crossover with the default path for 768..3072-wide layers
+LARGE_OUT = 8192  # vocabulary-sized heads: oneDNN is faster at every row count measured (up to 1024)
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+SOURCE = Path(__file__).with_name("gemv.c")
+
+_why_not: dict[str, str] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("GPTLAB_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPTLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
+    return Path(root) / "kernels"
+
+
+@functools.cache
+def _gemv() -> ctypes.CDLL | None:
+    """Build (once per source, flags and torch version) and load gemv.c; None, with the reason kept, if not here."""
+    if not enabled():
+        _why_not["gemv"] = "GPTLAB_KERNELS=0"
+        return None
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _why_not["gemv"] = f"needs Linux on x86-64 (this is {sys.platform}/{platform.machine()})"
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        _why_not["gemv"] = f"needs AVX2 (torch reports {capability})"
+        return None
+    if "libgomp" not in Path("/proc/self/maps").read_text():
+        _why_not["gemv"] = "torch here does not use GNU OpenMP; a second OpenMP runtime would fight it for cores"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        _why_not["gemv"] = "no C compiler (set CC, or install gcc)"
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + [torch.__version__]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"gemv-{key}.so"
+    if not lib.exists():
+        tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+        try:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True,
+                           text=True, timeout=120)
+            os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            _why_not["gemv"] = f"could not compile {SOURCE.name} with {compiler}: {detail.strip().splitlines()[-1]}"
+            tmp.unlink(missing_ok=True)
+            return None
+    try:
+        cdll = ctypes.CDLL(str(lib))
+    except OSError as e:
+        _why_not["gemv"] = f"could not load {lib}: {e}"
+        return None
+    for fn in (cdll.gptlab_linear_f32, cdll.gptlab_linear_bf16):
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        fn.restype = None
+    return cdll
+
+
+@functools.cache
+def _onednn() -> bool:
+    """Whether this torch build runs oneDNN's fp32 inner product (x86 and aarch64 builds do)."""
+    if not enabled():
+        _why_not["onednn"] = "GPTLAB_KERNELS=0"
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), torch.ones(3, 2), None, "none", [], "")
+    except (AttributeError, RuntimeError) as e:
+        _why_not["onednn"] = f"not in this torch build ({type(e).__name__})"
+        return False
+    return True
+
+
+def _gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL) -> torch.Tensor:
+    """gemv.c on fp32 activations (a few rows: converting them is cheap) and fp32 or bf16 weights."""
+    N, K = weight.shape
+    xf = x.float().contiguous()
+    bf = None if bias is None else bias.float().contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    fn = lib.gptlab_linear_bf16 if weight.dtype == torch.bfloat16 else lib.gptlab_linear_f32
+    fn(xf.data_ptr(), weight.data_ptr(), None if bf is None else bf.data_ptr(), y.data_ptr(), xf.numel() // K, N, K)
+    return y.to(x.dtype)  # bf16: one rounding of the fp32 sum, as torch's own bf16 matmul does
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ weight.T + bias by the fastest kernel here for this shape, or None (use F.linear).
+
+    Call only without autograd (nothing here records a graph). Results agree with F.linear to float
+    rounding (summation order differs).
+    """
+    dtype = weight.dtype
+    if x.device.type != "cpu" or weight.dim() != 2 or x.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return None
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (dtype in (torch.float32, torch.bfloat16) and 0 < rows <= MAX_ROWS and weight.is_contiguous()
+            and (lib := _gemv()) is not None):
+        return _gemv_linear(x, weight, bias, lib)
+    if dtype == torch.float32 and (rows <= ONEDNN_MAX_ROWS or weight.shape[0] >= LARGE_OUT) and _onednn():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return None
+
+
+def status() -> dict[str, str]:
+    """{kernel: "in use" or the reason it is not}, building what is not yet built."""
+    return {
+        "gemv": "in use (AVX2, fp32 and bf16 weights, up to %d rows)" % MAX_ROWS if _gemv() else _why_not["gemv"],
+        "onednn": "in use (fp32, up to %d rows and vocabulary heads)" % ONEDNN_MAX_ROWS if _onednn() else _why_not["onednn"],
+    }
