@@ -23,7 +23,7 @@ def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @needs_gemv
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 37])  # 37: several 16-row chunks and a ragged one
 @pytest.mark.parametrize("n_out,k", [(1, 1), (5, 7), (13, 33), (64, 768), (1029, 96), (96, 3072)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemv_equals_f_linear(rows, n_out, k, bias):
@@ -37,7 +37,7 @@ def test_gemv_equals_f_linear(rows, n_out, k, bias):
 
 
 @needs_gemv
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("n_out,k", [(7, 9), (1029, 96), (64, 768)])
 def test_gemv_bf16_is_the_fp32_sum_rounded_once(rows, n_out, k):
     g = torch.Generator().manual_seed(rows + n_out + k)
@@ -76,7 +76,8 @@ def test_gemv_result_does_not_depend_on_thread_count():
 
 def test_kernel_choice_by_shape_dtype_and_layout():
     w = torch.randn(64, 32)
-    assert kernels.cpu_linear(torch.randn(64, 32).bfloat16(), w.bfloat16()) is None  # bf16 past MAX_ROWS: torch's
+    many = kernels.cpu_linear(torch.randn(64, 32).bfloat16(), w.bfloat16())  # bf16 past MAX_ROWS: ours only where
+    assert (many is None) == (kernels._gemv() is None or kernels._native_bf16())  # torch would emulate bf16
     assert kernels.cpu_linear(torch.randn(2, 32).double(), w.double()) is None  # only fp32 is ours
     assert kernels.cpu_linear(torch.randn(4096, 32), w) is None  # a big GEMM: the default path
     y = kernels.cpu_linear(torch.randn(1, 32), w.t().contiguous().t())  # transposed view: not the gemv kernel
