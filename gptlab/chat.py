@@ -4,6 +4,8 @@ Each turn renders the whole history (`Tokenizer.apply_chat_template(messages, ad
 the same Jinja template transformers uses) and streams the reply from `gptlab.generate.generate`. A reply
 ends at the template's end-of-turn marker (found by rendering a known assistant message: "<|im_end|>" for
 ChatML / Qwen) or at the tokenizer's EOS. When the history outgrows the context, the oldest exchanges go.
+A `PromptCache` keeps the KV cache between turns, so each turn prefills only the tokens the history does not
+already hold (the new user message, and wherever the rendering departs from what was generated).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from gptlab.cli import command
 from gptlab.errors import GptlabError
-from gptlab.generate import generate
+from gptlab.generate import PromptCache, generate
 
 # opt-in transcript for models without a chat template (base models): "User: ...\nAssistant: ..."
 PLAIN_TEMPLATE = (
@@ -61,10 +63,12 @@ class Chat:
         stop = PLAIN_STOP if plain else end_of_turn(tokenizer)
         self.sampling = {**sampling, "stop": [*sampling.get("stop", []), *stop]}
         self.messages: list[dict[str, str]] = []
+        self.cache = PromptCache()  # each turn prefills only what the history does not already hold
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache.reset()
 
     def prompt(self) -> str:
         """The rendered conversation, ending where the assistant's next reply starts."""
@@ -91,7 +95,7 @@ class Chat:
         pieces: list[str] = []
         complete = False
         try:
-            for piece in generate(self.model, self.tok, prompt, stream=True, **self.sampling):
+            for piece in generate(self.model, self.tok, prompt, stream=True, cache=self.cache, **self.sampling):
                 pieces.append(piece)
                 yield piece
             complete = True

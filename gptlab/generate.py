@@ -133,11 +133,55 @@ def _fit_prompts(prompts: list[list[int]], s: Sampling, context: int, start_id: 
     return out
 
 
+class PromptCache:
+    """A batch-1 KV cache kept between generate calls, so a prompt that starts with tokens already cached
+    (a conversation's history) prefills only what is new: the longest common token prefix is reused.
+
+    One per conversation (`gptlab chat` keeps one); between calls the model itself holds no cache, so other
+    uses of the model are unaffected. `reset()` forgets the cached tokens.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []  # the tokens whose keys and values fill the first len(ids) slots
+        self.layers: list | None = None  # one KVCache per block
+        self.model_id: int | None = None
+        self.reused = 0  # prompt tokens the last call took from the cache instead of recomputing
+
+    def reset(self) -> None:
+        self.ids, self.reused = [], 0
+
+    def attach(self, model, prompt: list[int], length: int) -> int:
+        """Install the cache on `model` with at least `length` slots; return how many prompt tokens it holds."""
+        w = model.wte.weight
+        if self.model_id != id(model) or (self.layers and (self.layers[0].k.dtype, self.layers[0].k.device) != (w.dtype, w.device)):
+            self.layers, self.ids, self.model_id = None, [], id(model)
+        keep = 0
+        limit = min(len(self.ids), len(prompt) - 1)  # at least one token is run, for the next logits
+        while keep < limit and self.ids[keep] == prompt[keep]:
+            keep += 1
+        if self.layers is None or self.layers[0].k.shape[2] < length:
+            old = self.layers
+            grow = 0 if old is None else 2 * old[0].k.shape[2]  # double, so a growing chat rarely reallocates
+            model.setup_cache(1, min(max(length, grow), model.config.block_size))
+            self.layers = [block.attn.kv_cache for block in model.blocks]
+            if old is not None and keep:
+                for new, prev in zip(self.layers, old):
+                    new.k[:, :, :keep] = prev.k[:, :, :keep]
+                    new.v[:, :, :keep] = prev.v[:, :, :keep]
+        else:
+            for block, layer in zip(model.blocks, self.layers):
+                block.attn.kv_cache = layer
+        self.ids, self.reused = self.ids[:keep], keep
+        return keep
+
+
 @torch.inference_mode()
-def generate_tokens(model, prompts: Sequence[Sequence[int]], s: Sampling) -> Iterator[list[int]]:
+def generate_tokens(model, prompts: Sequence[Sequence[int]], s: Sampling,
+                    cache: PromptCache | None = None) -> Iterator[list[int]]:
     """Yield, per step, the next token of every row (B ints). Rows that hit EOS keep yielding EOS.
 
-    Stops after max_new_tokens steps or when every row has produced an EOS id.
+    Stops after max_new_tokens steps or when every row has produced an EOS id. cache: reuse and extend a
+    `PromptCache` (one prompt only).
     """
     config = model.config
     eos = s.eos_id if s.eos_id is not None else config.eos_token_id
@@ -154,10 +198,18 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], s: Sampling) -> Ite
     history = [list(p) for p in prompts]
     done = [False] * B
     padded = bool(pad_lens.any())
-    model.setup_cache(B, L + s.max_new_tokens)
+    start = 0
+    if cache is None:
+        model.setup_cache(B, L + s.max_new_tokens)
+    elif B != 1:
+        raise GptlabError("a PromptCache serves one prompt at a time")
+    else:
+        start = cache.attach(model, prompts[0], L + s.max_new_tokens)
     try:
-        pos = torch.arange(L, device=device)
-        hidden = model(idx, input_pos=pos, pad_lens=pad_lens if padded else None, return_hidden=True)
+        pos = torch.arange(start, L, device=device)
+        hidden = model(idx[:, start:], input_pos=pos, pad_lens=pad_lens if padded else None, return_hidden=True)
+        if cache is not None:
+            cache.ids = list(prompts[0])
         logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
         for step in range(s.max_new_tokens):
             tok = next_token(logits, s, history, gen)
@@ -173,8 +225,10 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], s: Sampling) -> Ite
                 break
             pos = torch.tensor([L + step], device=device)
             logits = model(tok[:, None], input_pos=pos, pad_lens=pad_lens if padded else None)[:, -1]
+            if cache is not None:
+                cache.ids.append(toks[0])
     finally:
-        model.clear_cache()
+        model.clear_cache()  # a PromptCache keeps its tensors; the model holds none between calls
 
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
@@ -236,9 +290,10 @@ class _TextRow:
         return self._flush(len(self.text))
 
 
-def _stream(model, tokenizer, prompts, s: Sampling, eos_ids: set[int]) -> Iterator[tuple[int, str]]:
+def _stream(model, tokenizer, prompts, s: Sampling, eos_ids: set[int],
+            cache: PromptCache | None = None) -> Iterator[tuple[int, str]]:
     rows = [_TextRow(tokenizer, s.stop) for _ in prompts]
-    for toks in generate_tokens(model, prompts, s):
+    for toks in generate_tokens(model, prompts, s, cache):
         for i, t in enumerate(toks):
             row = rows[i]
             if row.finished:
@@ -264,12 +319,14 @@ def generate(
     prompt: str | list[str],
     *,
     stream: bool = False,
+    cache: PromptCache | None = None,
     **sampling,
 ) -> str | list[str] | Iterator[str]:
     """Continue `prompt` (a string, or a list of strings generated as one batch).
 
     Returns the new text (without the prompt, stop strings or EOS); with stream=True (one prompt only), an
-    iterator of text pieces as they are produced. Keyword arguments are `Sampling` fields.
+    iterator of text pieces as they are produced. cache: a `PromptCache` to reuse across calls (one prompt
+    only). Other keyword arguments are `Sampling` fields.
     """
     s = Sampling(**sampling)
     if s.eos_id is None:
@@ -284,9 +341,9 @@ def generate(
     if stream:
         if not single:
             raise GptlabError("stream=True takes a single prompt")
-        return (piece for _, piece in _stream(model, tokenizer, prompts, s, eos_ids))
+        return (piece for _, piece in _stream(model, tokenizer, prompts, s, eos_ids, cache))
     outs = [""] * len(texts)
-    for i, piece in _stream(model, tokenizer, prompts, s, eos_ids):
+    for i, piece in _stream(model, tokenizer, prompts, s, eos_ids, cache):
         outs[i] += piece
     return outs[0] if single else outs
 

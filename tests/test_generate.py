@@ -137,3 +137,41 @@ def test_gpt2_vocab_and_merges_files_load(tmp_path, tiny_tokenizer):
     assert tok.encode(text) == tiny_tokenizer.encode(text)
     assert tok.decode(tok.encode(text)) == text
     assert tok.eos_id == tiny_tokenizer.eos_id
+
+
+def _greedy(model, prompt, n, cache=None):
+    from gptlab.generate import generate_tokens
+
+    return [t[0] for t in generate_tokens(model, [prompt], Sampling(max_new_tokens=n, eos_id=[]), cache)]
+
+
+def test_prompt_cache_prefills_only_new_tokens_and_matches_a_fresh_run(model_and_tok):
+    from gptlab.generate import PromptCache
+
+    model, _ = model_and_tok
+    cache = PromptCache()
+    first = list(range(5, 15))
+    reply = _greedy(model, first, 6, cache)
+    assert reply == _greedy(model, first, 6) and cache.reused == 0
+    assert model.cache_length == 0  # between calls the model holds no cache: plain forwards still work
+    model(torch.tensor([first]))
+
+    second = first + reply + [40, 41, 42]  # the conversation so far, then a new user turn
+    assert _greedy(model, second, 6, cache) == _greedy(model, second, 6)
+    assert cache.reused == len(first) + len(reply) - 1  # the last reply token was sampled, never fed
+
+    third = first[:3] + [60, 61]  # diverges after 3 tokens: only those are reused, the rest recomputed
+    assert _greedy(model, third, 4, cache) == _greedy(model, third, 4)
+    assert cache.reused == 3
+
+    cache.reset()
+    assert _greedy(model, third, 4, cache) == _greedy(model, third, 4) and cache.reused == 0
+
+
+def test_prompt_cache_takes_one_prompt(model_and_tok):
+    from gptlab.generate import PromptCache, generate_tokens
+
+    model, _ = model_and_tok
+    with pytest.raises(GptlabError, match="one prompt"):
+        next(generate_tokens(model, [[1, 2], [3, 4]], Sampling(max_new_tokens=2), PromptCache()))
+    assert model.cache_length == 0

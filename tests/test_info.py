@@ -209,3 +209,20 @@ def test_chat_drops_oldest_exchanges_to_fit_the_context(chat_dir):
     kept = [m["content"] for m in chat.messages[1:-1]]
     assert kept and kept[-1] == "answer 5 " * 5  # the newest exchanges stay, the oldest went
     assert len(kept) % 2 == 0 and "question 0 " * 5 not in kept
+
+
+def test_chat_reuses_the_kv_cache_of_its_history(chat_dir):
+    from gptlab.chat import Chat
+
+    model, tok = gptlab.load(chat_dir), gptlab.load_tokenizer(chat_dir)
+    chat = Chat(model, tok, max_new_tokens=8, temperature=0)
+    "".join(chat.send("What is a tuple?"))
+    first_prompt_tokens = len(tok.encode(_hf_render(chat_dir, [{"role": "user", "content": "What is a tuple?"}])))
+    second = "".join(chat.send("And a list?"))
+    assert chat.cache.reused >= first_prompt_tokens  # the second turn did not recompute the first prompt
+    fresh = Chat(model, tok, max_new_tokens=8, temperature=0)
+    fresh.messages = list(chat.messages[:-2])
+    fresh.cache = type(chat.cache)()  # the same conversation replayed without a cache
+    assert "".join(fresh.send("And a list?")) == second
+    chat.reset()
+    assert chat.cache.ids == []
