@@ -193,49 +193,12 @@ def save_classifier(clf: SequenceClassifier, path: str | os.PathLike, names: lis
 def load_classifier(path: str | os.PathLike, dtype=None, device=None) -> tuple[SequenceClassifier, list[str]]:
     """A classifier saved by `save_classifier`, or by transformers' *ForSequenceClassification (which
     stores no LM head: ours is then zero, as a classifier never reads it). Safetensors only."""
-    from safetensors import SafetensorError, safe_open
-
-    from gptlab.hf import hf_to_ours, parse_dtype, read_config
-    from gptlab.model import GPT
+    from gptlab.hf import load_with_extras
 
     path = Path(path)
-    config = read_config(path)
+    model, found = load_with_extras(path, dtype, device, extras=("score.weight",), head_optional=True)
+    score = found["score.weight"]
     cfg = json.loads((path / "config.json").read_text())
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise GptlabError(f"{path} has no .safetensors weights")
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
-    except (SafetensorError, OSError) as e:
-        raise GptlabError(f"could not read the weights in {path}: {e}") from None
-    if "score.weight" not in tensors:
-        raise GptlabError(f"{path} has no score.weight; is it a sequence-classification checkpoint?")
-    score = tensors.pop("score.weight")
-    dtype = parse_dtype(dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
-    with torch.device("meta"):
-        model = GPT(config)
-    ours = set(model.state_dict())
-    if config.tie_embeddings:
-        ours.discard("lm_head.weight")
-    elif "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = torch.zeros(config.vocab_size, config.n_embd)
-
-    def get(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise GptlabError(f"{path} lacks weight {name!r}")
-        return tensors[name]
-
-    sd = {k: v.to(device=device or "cpu", dtype=dtype) for k, v in hf_to_ours(config, ours, get).items()}
-    model.load_state_dict(sd, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise GptlabError(f"{path} does not provide {', '.join(missing[:5])}")
-    model.init_buffers(device=device)
     id2label = cfg.get("id2label") or {str(i): str(i) for i in range(score.shape[0])}
     names = [id2label[str(i)] for i in range(score.shape[0])]
     clf = SequenceClassifier(model, score.shape[0], cfg.get("pad_token_id"))

@@ -525,6 +525,22 @@ def load(
 
     dtype: None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, fp32 when absent).
     """
+    return load_with_extras(path_or_id, dtype, device)[0]
+
+
+def load_with_extras(
+    path_or_id: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    extras: tuple[str, ...] = (),
+    head_optional: bool = False,
+) -> tuple:
+    """`load`, plus the named non-GPT tensors of the checkpoint (e.g. a classifier's `score.weight`), returned
+    as {name: tensor} in the model's dtype and device; each must be present.
+
+    head_optional: an untied checkpoint without lm_head.weight (transformers' *ForSequenceClassification
+    saves none) gets a zero head instead of an error.
+    """
     from safetensors import SafetensorError, safe_open
 
     from gptlab.model import GPT
@@ -546,6 +562,14 @@ def load(
                     tensors[k] = sf.get_tensor(k)
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(f"could not read {f}: {e} (truncated or not a safetensors file?)") from None
+
+    found = {}
+    for name in extras:
+        if name not in tensors:
+            raise GptlabError(f"{path} has no {name}: not a checkpoint of that kind (a plain language model?)")
+        found[name] = tensors.pop(name).to(device=device, dtype=dtype)
+    if head_optional and not config.tie_embeddings and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = torch.zeros(config.vocab_size, config.n_embd)
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -575,7 +599,7 @@ def load(
         raise GptlabError(f"{path} does not provide {', '.join(missing[:5])}")
     model.init_buffers(device=device)
     model.source = str(path)
-    return model.eval()
+    return model.eval(), found
 
 
 def save(
@@ -625,13 +649,31 @@ def staged_dir(dest: Path):
         raise
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the files themselves are synced
+        pass
+    finally:
+        os.close(fd)
+
+
 def replace_dir(new: Path, dest: Path) -> None:
-    """Move a finished dir into place: the old `dest` stays valid until the new one is complete."""
+    """Move a finished dir into place: the old `dest` stays valid until the new one is complete.
+
+    The new files are flushed to disk before the rename, so a power cut leaves the old or the new dir whole,
+    never a renamed dir of empty files.
+    """
+    for f in sorted(new.rglob("*"), reverse=True):  # files before the dirs that hold them
+        _fsync(f)
+    _fsync(new)
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
     os.replace(new, dest)
+    _fsync(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

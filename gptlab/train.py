@@ -542,7 +542,8 @@ class Trainer:
         if self.dist.main:
             shutil.rmtree(stage, ignore_errors=True)
             self.saver.save(unwrap(self.model), stage)
-            (stage / "trainer").mkdir(parents=True, exist_ok=True)
+            if with_state:
+                (stage / "trainer").mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         if with_state:
             # every process has its own RNG stream (dropout); the optimizer state is the same on all of them

@@ -308,6 +308,7 @@ def test_train_command_writes_loadable_models_and_resumes(pydocs, tmp_path, caps
     for name in ("final", "best", "last"):
         model = gptlab.load(out / name)
         assert model.config.model_type == "gpt2" and model.config.vocab_size == read_manifest(pydocs)["vocab_size"]
+    assert not (out / "final" / "trainer").exists()  # final/ is a plain model dir: no resume state
     tok = gptlab.load_tokenizer(out / "final")
     assert tok.decode(tok.encode("The with statement")) == "The with statement"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
