@@ -92,3 +92,14 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """An HF-format GPT-2 dir (random weights, 2 layers, 48 wide, 3 heads) with the tiny tokenizer."""
     model = make_hf_model("gpt2", vocab_size=tiny_tokenizer.vocab_size, n_positions=128, bos_token_id=0, eos_token_id=0)
     return save_hf_model(model, tmp_path_factory.mktemp("tiny-gpt2"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): with 2 threads on
+    busy cores, OpenMP barriers cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

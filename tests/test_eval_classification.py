@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import gptlab
 from gptlab.errors import GptlabError
@@ -13,13 +12,7 @@ from gptlab.eval import evaluate
 from gptlab.eval.classification import class_metrics
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with 2 threads on busy cores, OpenMP barriers cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def test_class_metrics_by_hand():

@@ -9,18 +9,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from gptlab.cli import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with 2 threads on busy cores, OpenMP barriers cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 MC = [{"context": "The with statement", "choices": ["wraps a block", "is a number", "x"], "label": 0},

@@ -28,13 +28,7 @@ lm_eval = pytest.importorskip("lm_eval")
 REL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with 2 threads on busy cores, OpenMP barriers cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def _sentences() -> list[str]:

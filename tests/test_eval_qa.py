@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 import gptlab
 from gptlab.errors import GptlabError
@@ -14,13 +13,7 @@ from gptlab.eval import evaluate
 from gptlab.eval.qa import score_answer, strip_think, tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with 2 threads on busy cores, OpenMP barriers cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def test_lenient_normalisation_ignores_case_punctuation_and_articles():
