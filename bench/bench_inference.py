@@ -53,7 +53,7 @@ def main() -> None:
           f"transformers {transformers.__version__}")
     from gptlab import kernels
 
-    print("gptlab cpu kernels: " + "; ".join(f"{k}: {v}" for k, v in kernels.status().items()))
+    print("gptlab cpu kernels: " + kernels.summary())
     print(f"{'benchmark':<28}{'transformers tok/s':>20}{'gptlab tok/s':>16}{'ratio':>8}", flush=True)
 
     def report(label: str, a: float, b: float) -> None:

@@ -153,7 +153,8 @@ class PromptCache:
     def attach(self, model, prompt: list[int], length: int) -> int:
         """Install the cache on `model` with at least `length` slots; return how many prompt tokens it holds."""
         w = model.wte.weight
-        if self.model_id != id(model) or (self.layers and (self.layers[0].k.dtype, self.layers[0].k.device) != (w.dtype, w.device)):
+        moved = self.layers is not None and (self.layers[0].k.dtype, self.layers[0].k.device) != (w.dtype, w.device)
+        if self.model_id != id(model) or moved:  # another model, or this one cast / moved: start afresh
             self.layers, self.ids, self.model_id = None, [], id(model)
         keep = 0
         limit = min(len(self.ids), len(prompt) - 1)  # at least one token is run, for the next logits

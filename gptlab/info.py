@@ -240,7 +240,7 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
         lines.append(("files", _weights_str(path) if kind == "dir" else "weights not fetched (info reads config.json)"))
     from gptlab import kernels
 
-    lines.append(("cpu kernels", "; ".join(f"{k}: {v}" for k, v in kernels.status().items())))
+    lines.append(("cpu kernels", kernels.summary()))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")

@@ -29,8 +29,8 @@ from gptlab.errors import GptlabError
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; without autograd on the CPU, the faster kernel for the shape (gptlab/kernels: decode GEMV)."""
-    if not torch.is_grad_enabled() and x.device.type == "cpu":
-        y = kernels.cpu_linear(x, weight, bias)
+    if not torch.is_grad_enabled():
+        y = kernels.cpu_linear(x, weight, bias)  # None off the CPU or where no kernel beats F.linear
         if y is not None:
             return y
     return F.linear(x, weight, bias)

@@ -156,3 +156,9 @@ def status() -> dict[str, str]:
         if _gemv() else _why_not["gemv"],
         "onednn": "in use (fp32, up to %d rows and vocabulary heads)" % ONEDNN_MAX_ROWS if _onednn() else _why_not["onednn"],
     }
+
+
+def summary() -> str:
+    """`status()` on one line, as `gptlab info` and the benchmarks print it."""
+    return "; ".join(f"{k}: {v}" for k, v in status().items())
+
