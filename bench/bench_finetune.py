@@ -4,7 +4,7 @@
     python bench/bench_finetune.py --quick    # 4 layers x 256, a smoke run of a few seconds
     python bench/bench_finetune.py --device cuda
 
-Both runs go through `gptlab.finetune.finetune` (the one training loop) on the same random-weight model and
+Both runs go through `gptlab.train.finetune.finetune` (the one training loop) on the same random-weight model and
 the same packed SFT rows, each in its own process so the peak RSS (ru_maxrss) is that method's own; on a GPU
 the peak allocated CUDA memory is reported as well. tokens/s is the Trainer's own figure (input tokens per
 second of optimizer steps), averaged over the logged intervals after the first (which includes warm-up).
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 SIZES = {
-    "default": dict(n_layer=12, n_head=12, n_embd=768, block_size=256),
-    "quick": dict(n_layer=4, n_head=4, n_embd=256, block_size=128),
+    "default": dict(n_layer=12, n_head=12, n_embd=768, context_length=256),
+    "quick": dict(n_layer=4, n_head=4, n_embd=256, context_length=128),
 }
 
 
@@ -32,8 +32,8 @@ def prepare(root: Path, size: str) -> None:
     """A random-weight GPT-2-layout model dir with a BPE trained on pydoc text, and instruction rows."""
     import torch
 
-    from gptlab.config import Config
-    from gptlab.model import GPT
+    from gptlab.models.config import Config
+    from gptlab.models.model import GPT
     from gptlab.tokenizer import train_tokenizer
     from pydoc_data.topics import topics
 
@@ -43,7 +43,7 @@ def prepare(root: Path, size: str) -> None:
     eos = tok.eos_id
     model = GPT(Config(model_type="gpt2", vocab_size=tok.vocab_size, bos_token_id=eos, eos_token_id=eos,
                        **SIZES[size]))
-    model.save(root / "model", tokenizer=tok)
+    gptlab.save(model, root / "model", tokenizer=tok)
     with open(root / "data.jsonl", "w") as f:
         for k in sorted(topics):
             body = topics[k].strip()
@@ -54,10 +54,10 @@ def child(root: Path, method: str, steps: int, device: str, batch_size: int) -> 
     """One fine-tuning run; returns its figures (run in a fresh process)."""
     import torch
 
-    from gptlab.finetune import FinetuneConfig, finetune
+    from gptlab.train.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(
-        data=str(root / "data.jsonl"), method=method, task="sft", pack=True, max_len=0, val_fraction=0.0,
+        data=str(root / "data.jsonl"), method=method, task="sft", pack=True, seq_len=0, val_fraction=0.0,
         lora_targets=["c_attn", "c_proj", "c_fc"], lora_r=8, lora_alpha=16, max_steps=steps,
         batch_size=batch_size, lr=1e-4 if method == "full" else 1e-3, warmup_steps=2, eval_every=0,
         log_every=max(1, steps // 4), out_dir=str(root / f"out-{method}"), device=device, quiet=True,
@@ -112,7 +112,7 @@ def main() -> None:
     import torch
 
     s = SIZES[size]
-    print(f"model: GPT-2 layout, {s['n_layer']} layers x {s['n_embd']}, vocab 4096, seq {s['block_size']}, "
+    print(f"model: GPT-2 layout, {s['n_layer']} layers x {s['n_embd']}, vocab 4096, seq {s['context_length']}, "
           f"batch {args.batch_size}, {steps} steps, device {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     cols = ["method", "trainable", "total", "tok_per_s", "peak_rss_mib"] + (["peak_cuda_mib"] if "peak_cuda_mib" in rows[0] else [])

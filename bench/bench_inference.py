@@ -40,7 +40,7 @@ def main() -> None:
     import transformers
 
     import gptlab
-    from gptlab.generate import generate_ids
+    from gptlab.infer.generate import generate_ids
 
     torch.manual_seed(0)
     hf_fp32 = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # 124M, random weights

@@ -23,12 +23,13 @@ B, T, V, L, H, C = 8, 256, 50257, 6, 6, 384
 
 
 def gptlab_step_fn(dtype):
-    from gptlab.config import Config
-    from gptlab.model import GPT
-    from gptlab.train import LoopConfig, make_optimizer, next_token_loss
+    from gptlab.models.config import Config
+    from gptlab.models.model import GPT
+    from gptlab.train.loop import LoopConfig, make_optimizer
+    from gptlab.train.losses import next_token_loss
 
     torch.manual_seed(0)
-    model = GPT(Config(n_layer=L, n_head=H, n_embd=C, block_size=T, vocab_size=V, dropout=0.0)).train()
+    model = GPT(Config(n_layer=L, n_head=H, n_embd=C, context_length=T, vocab_size=V, dropout=0.0)).train()
     opt = make_optimizer(model.parameters(), LoopConfig(lr=3e-4, weight_decay=0.1), torch.device("cpu"))
 
     def step(x):

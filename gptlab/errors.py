@@ -7,3 +7,9 @@ other exception. Anything else escaping the CLI is a bug in gptlab, and keeps it
 
 class GptlabError(Exception):
     """Bad input from the user: a missing file, a malformed checkpoint, an unsupported config field."""
+
+
+def reason(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line error about it."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -111,7 +111,7 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
     """Load from an HF-format dir (tokenizer.json or vocab.json + merges.txt) or a hub id."""
     from tokenizers import Tokenizer as Backend
 
-    from gptlab.hf import resolve
+    from gptlab.formats.hf import resolve
 
     path = resolve(path_or_id)
     cfg: dict[str, Any] = {}

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from gptlab.cli import command
+from gptlab.errors import GptlabError
+from gptlab.eval.tasks import TASK_ALIASES, evaluate
 
 Task = Literal["perplexity", "lambada", "multiple_choice", "qa", "classification",
                "wikitext-2", "hellaswag", "arc_easy", "arc_challenge", "piqa", "mmlu"]
@@ -17,7 +19,7 @@ def _unescape(s: str) -> str:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
-@command("eval")
+@command("eval", aliases={"task": TASK_ALIASES})
 def eval_command(
     model: str,
     task: Task | None = None,
@@ -74,9 +76,6 @@ def eval_command(
         device: cpu, cuda, ... (default: cpu)
         progress: show progress bars
     """
-    from gptlab.errors import GptlabError
-    from gptlab.eval.tasks import evaluate
-
     if task is None:
         raise GptlabError("--task is required (perplexity, lambada, multiple_choice, qa, classification, "
                           "or a benchmark name such as hellaswag)")

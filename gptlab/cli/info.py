@@ -1,6 +1,6 @@
 """`gptlab models` (the preset table) and `gptlab info MODEL` (a preset, model dir or hub id, without weights).
 
-Every number printed is computed from a Config (`gptlab.stats`), so the table cannot drift from the presets.
+Every number printed is computed from a Config (`gptlab.models.stats`), so the table cannot drift from the presets.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from typing import Any
 
 import torch
 
+from gptlab import kernels
 from gptlab.cli import command
-from gptlab.config import Config
+from gptlab.dtypes import parse_dtype
 from gptlab.errors import GptlabError
-from gptlab.presets import FAMILIES, PRESETS
-from gptlab.stats import count_params, flops_per_token, human, human_bytes, kv_cache_bytes, weight_bytes
-
-# files `gptlab info` fetches for a hub id: the config and tokenizer metadata, never the weights
-_HUB_INFO_PATTERNS = ["config.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                      "model.safetensors.index.json"]
+from gptlab.formats import hf
+from gptlab.models.config import Config
+from gptlab.models.presets import FAMILIES, PRESETS
+from gptlab.models.stats import count_params, flops_per_token, human, human_bytes, kv_cache_bytes, weight_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,7 +109,7 @@ def models(family: str | None = None) -> None:
         c = Config.from_name(name)
         rows.append([
             name, FAMILIES[name], c.model_type, params_str(c), str(c.n_layer), str(c.n_embd), heads_str(c),
-            context_str(c.block_size), positions_str(c), norm_str(c), mlp_str(c),
+            context_str(c.context_length), positions_str(c), norm_str(c), mlp_str(c),
             human_bytes(weight_bytes(c, torch.bfloat16)), c.hf_repo or "-",
         ])
     print(table(rows, right={3, 4, 5, 6, 7, 11}))
@@ -120,34 +119,20 @@ def models(family: str | None = None) -> None:
 # gptlab info
 
 
-def _hub_dir(repo_id: str) -> Path:
-    """Config and tokenizer metadata of a hub repo (no weights), like `gptlab.hf.resolve` otherwise."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_INFO_PATTERNS))
-    except Exception as e:  # offline, unknown or gated repo: all end the same way for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GptlabError(f"no local directory {repo_id!r}, and fetching its config.json from the Hugging Face Hub "
-                          f"failed ({reason[:160]})") from None
-
-
 def _locate(model: str) -> tuple[str, Path | None]:
     """('dir', path), ('preset', None) or ('hub', path of its fetched metadata); a local dir wins."""
     p = Path(model).expanduser()
     if p.is_dir():
-        from gptlab.hf import resolve
-
-        return "dir", resolve(p)
+        return "dir", p
     if model in PRESETS:
         return "preset", None
     if p.exists():
         raise GptlabError(f"{model} is a file; pass the model directory that holds config.json")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if hf.looks_like_path(model):
         raise GptlabError(f"model directory {model} does not exist")
     if "/" not in model:
         raise GptlabError(f"{model!r} is neither a model directory nor a preset; `gptlab models` lists the presets")
-    return "hub", _hub_dir(model)
+    return "hub", hf.hub_snapshot(model, hf.HUB_CONFIG_PATTERNS, what="fetching the config.json of")
 
 
 def _checkpoint_dtype(path: Path) -> str:
@@ -198,15 +183,13 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
         seq_len: tokens per row for the KV-cache estimate (default: the model's context).
         batch_size: rows for the KV-cache estimate.
     """
-    from gptlab.hf import parse_dtype, read_config
-
     kind, path = _locate(model)
     if path is None:
         config, dtype_name = Config.from_name(model), "bfloat16"
     else:
-        config, dtype_name = read_config(path), _checkpoint_dtype(path)
+        config, dtype_name = hf.read_config(path), _checkpoint_dtype(path)
     dtype = parse_dtype(dtype_name)
-    seq = config.block_size if seq_len is None else seq_len
+    seq = config.context_length if seq_len is None else seq_len
     if seq < 1 or batch_size < 1:
         raise GptlabError("seq_len and batch_size must be >= 1")
     counts = count_params(config)
@@ -224,7 +207,7 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
                                 f"{c.n_expert_per_token} of {c.n_expert} experts"))
     lines += [
         ("layers", f"{c.n_layer} x width {c.n_embd}, heads {heads_str(c)}, head dim {c.head_dim}"),
-        ("context", f"{c.block_size:,} tokens"),
+        ("context", f"{c.context_length:,} tokens"),
         ("positions", positions_str(c, theta=True)),
         ("norm", f"{norm_str(c)}, eps {c.norm_eps:g}"),
         ("mlp", f"{mlp_str(c)}, hidden {c.moe_intermediate_size if c.mlp == 'moe' else c.intermediate_size}"),
@@ -238,8 +221,6 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
     if path is not None:
         lines.append(("tokenizer", _tokenizer_str(path)))
         lines.append(("files", _weights_str(path) if kind == "dir" else "weights not fetched (info reads config.json)"))
-    from gptlab import kernels
-
     lines.append(("cpu kernels", kernels.summary()))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:

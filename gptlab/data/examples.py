@@ -1,4 +1,5 @@
-"""Fine-tuning data: JSONL rows -> token rows with next-token labels, and the collate that pads them.
+"""Fine-tuning data: JSONL rows -> token rows with next-token labels, the collate that pads them, and the
+numbered batches the training loop reads.
 
 Row shapes read from JSONL (one JSON object per line):
   {"text": ...}                                           plain text (task lm: every token is trained)
@@ -6,12 +7,12 @@ Row shapes read from JSONL (one JSON object per line):
   {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}   ShareGPT, read as chat
   {"instruction": ..., "input": ..., "output": ...}       Alpaca, read as one user and one assistant turn
   {"prompt": ..., "completion"|"response": ...}           read as one user and one assistant turn
-  {"text": ..., "label": ...}                             classification (see classify.py)
+  {"text": ..., "label": ...}                             classification (`load_class_rows`)
 
 A malformed row is an error naming its line, unless the caller asks to skip bad rows; then they are counted
 and the first reasons kept, never dropped silently.
 
-SFT renders a conversation with the tokenizer's chat template (or PLAIN_TEMPLATE when it has none) and
+SFT renders a conversation with the tokenizer's chat template (or INSTRUCTION_TEMPLATE when it has none) and
 trains only on the assistant turns: each turn's text is what rendering messages[:i+1] adds to rendering
 messages[:i] with the generation prompt, so the prompt the model sees at inference is exactly what was masked.
 Each answer ends with the tokenizer's EOS (appended when the template does not put it there), so generation
@@ -20,21 +21,22 @@ learns to stop.
 
 from __future__ import annotations
 
-import json
-import os
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
+from gptlab.data.jsonl import Skipped, read_jsonl
 from gptlab.errors import GptlabError
 
-IGNORE = -100  # label of a position that adds nothing to the loss (torch's cross_entropy ignore_index)
+IGNORE_INDEX = -100  # label of a position that adds nothing to the loss (torch's cross_entropy ignore_index)
 
 # For base models without a chat template (GPT-2 style): Alpaca-like headers, and EOS closing every answer.
 # It is saved with the fine-tuned model's tokenizer, so `generate`/`chat` render prompts the same way.
-PLAIN_TEMPLATE = (
+INSTRUCTION_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
     "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
@@ -48,45 +50,6 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
 
 # ---------------------------------------------------------------------------------------------------------
 # reading rows
-
-
-@dataclass
-class Skipped:
-    """Rows left out because the caller asked to skip malformed ones: how many, and the first reasons."""
-
-    count: int = 0
-    reasons: list[str] = field(default_factory=list)
-
-    def add(self, reason: str) -> None:
-        self.count += 1
-        if len(self.reasons) < 5:
-            self.reasons.append(reason)
-
-    def __str__(self) -> str:
-        return f"skipped {self.count} malformed row(s): " + "; ".join(self.reasons) + ("; ..." if self.count > 5 else "")
-
-
-def read_jsonl(path: str | os.PathLike, skip: Skipped | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object raises, or is counted
-    in `skip` when one is given."""
-    p = Path(path)
-    if not p.is_file():
-        raise GptlabError(f"data file {p} does not exist")
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except (json.JSONDecodeError, ValueError) as e:
-                reason = f"{p}:{n}: not a JSON object ({e})"
-                if skip is None:
-                    raise GptlabError(reason) from None
-                skip.add(reason)
-                continue
-            yield n, row
 
 
 def _str(row: dict, key: str, where: str) -> str:
@@ -143,12 +106,12 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 
 def ensure_chat_template(tokenizer) -> bool:
-    """Give a template-less tokenizer PLAIN_TEMPLATE (it needs an EOS token); True when it was added."""
+    """Give a template-less tokenizer INSTRUCTION_TEMPLATE (it needs an EOS token); True when it was added."""
     if tokenizer.chat_template:
         return False
     if tokenizer.eos_token is None or tokenizer.eos_id is None:
         raise GptlabError("this tokenizer has neither a chat template nor an EOS token; SFT needs one of them")
-    tokenizer.chat_template = PLAIN_TEMPLATE
+    tokenizer.chat_template = INSTRUCTION_TEMPLATE
     return True
 
 
@@ -215,9 +178,9 @@ class Encoded:
         return ", ".join(notes)
 
 
-def encode_file(path, tokenizer, task: str, max_len: int, skip_bad: bool = False) -> Encoded:
+def encode_file(path, tokenizer, task: str, seq_len: int, skip_bad: bool = False) -> Encoded:
     """Read a JSONL file for task "sft" (masked chat) or "lm" (plain text). An sft example is cut to
-    max_len + 1 tokens (max_len model inputs after the shift); an lm document is split into such windows."""
+    seq_len + 1 tokens (seq_len model inputs after the shift); an lm document is split into such windows."""
     skip = Skipped() if skip_bad else None
     out = Encoded([])
     if task == "sft":
@@ -234,13 +197,13 @@ def encode_file(path, tokenizer, task: str, max_len: int, skip_bad: bool = False
                 raise GptlabError(str(e)) from None
             skip.add(str(e))
             continue
-        if len(ids) > max_len + 1 and task == "lm":
+        if len(ids) > seq_len + 1 and task == "lm":
             # a long document becomes consecutive windows sharing one token, so every token is a target once
             out.split += 1
-            out.examples += [(ids[i:i + max_len + 1], trained[i:i + max_len + 1]) for i in range(0, len(ids) - 1, max_len)]
+            out.examples += [(ids[i:i + seq_len + 1], trained[i:i + seq_len + 1]) for i in range(0, len(ids) - 1, seq_len)]
             continue
-        if len(ids) > max_len + 1:
-            ids, trained = ids[: max_len + 1], trained[: max_len + 1]
+        if len(ids) > seq_len + 1:
+            ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
             out.truncated += 1
         if not any(trained[1:]):
             out.dropped += 1  # a prompt longer than the context: its answer was cut away entirely
@@ -263,17 +226,17 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def shift(ids: list[int], trained: list[bool]) -> tuple[list[int], list[int]]:
-    """Inputs ids[:-1] and aligned next-token labels ids[1:], IGNORE where not trained (prompt tokens)."""
-    return ids[:-1], [t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:])]
+    """Inputs ids[:-1] and aligned next-token labels ids[1:], IGNORE_INDEX where not trained (prompt tokens)."""
+    return ids[:-1], [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]
 
 
-def to_rows(examples: list[tuple[list[int], list[bool]]], max_len: int, pack: bool = False,
+def to_rows(examples: list[tuple[list[int], list[bool]]], seq_len: int, pack: bool = False,
             seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """Model rows (input_ids, labels). pack: concatenate examples, in a seeded random order, into rows of up to
-    max_len + 1 tokens so short examples waste no padding; attention then crosses example boundaries (as in
+    seq_len + 1 tokens so short examples waste no padding; attention then crosses example boundaries (as in
     GPT pretraining), while each example's own labels stay as they were."""
     if pack:
-        examples = _pack(examples, max_len + 1, seed)
+        examples = _pack(examples, seq_len + 1, seed)
     return [shift(ids, trained) for ids, trained in examples]
 
 
@@ -292,11 +255,11 @@ def _pack(examples, size: int, seed: int):
 
 
 def trained_tokens(rows: list[tuple[list[int], list[int]]]) -> int:
-    return sum(sum(1 for y in labels if y != IGNORE) for _, labels in rows)
+    return sum(sum(1 for y in labels if y != IGNORE_INDEX) for _, labels in rows)
 
 
 class Collate:
-    """Right-pad rows to the longest in the batch: inputs with pad_id, token labels with IGNORE; a row
+    """Right-pad rows to the longest in the batch: inputs with pad_id, token labels with IGNORE_INDEX; a row
     whose label is one int (classification) gives a (B,) label tensor."""
 
     def __init__(self, pad_id: int) -> None:
@@ -309,7 +272,121 @@ class Collate:
             x[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         if isinstance(rows[0][1], int):
             return {"input_ids": x, "labels": torch.tensor([y for _, y in rows], dtype=torch.long)}
-        y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
         for r, (_, labels) in enumerate(rows):
             y[r, : len(labels)] = torch.tensor(labels, dtype=torch.long)
         return {"input_ids": x, "labels": y}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# classification rows
+
+
+@dataclass
+class ClassRows:
+    examples: list[tuple[list[int], int]]  # (token ids, class id)
+    names: list[str]  # class id -> name
+    truncated: int = 0  # texts cut to seq_len tokens
+    skipped: Skipped | None = None
+
+    def summary(self) -> str:
+        notes = [f"{len(self.examples)} examples, {len(self.names)} classes"]
+        if self.truncated:
+            notes.append(f"{self.truncated} cut to the context length")
+        if self.skipped and self.skipped.count:
+            notes.append(str(self.skipped))
+        return ", ".join(notes)
+
+
+def load_class_rows(path, tokenizer, seq_len: int, names: list[str] | None = None,
+                    skip_bad: bool = False) -> ClassRows:
+    """Tokenize {"text", "label"} rows, cut to seq_len tokens (the beginning is kept).
+
+    names: the label set of the training split, so a validation split maps names to the same ids; None
+    derives it from this file (sorted names, or 0..max for integer labels).
+    """
+    skip = Skipped() if skip_bad else None
+    texts, raw = [], []
+    for n, row in read_jsonl(path, skip):
+        text, label = row.get("text"), row.get("label")
+        problem = None
+        if not isinstance(text, str) or not text:
+            problem = "field 'text' must be a non-empty string"
+        elif isinstance(label, bool) or not isinstance(label, (int, str)):
+            problem = f"field 'label' must be an integer or a string, got {label!r}"
+        elif isinstance(label, int) and label < 0:
+            problem = f"label {label} is negative"
+        if problem:
+            if skip is None:
+                raise GptlabError(f"{path}:{n}: {problem}")
+            skip.add(f"{path}:{n}: {problem}")
+            continue
+        texts.append(text)
+        raw.append((n, label))
+    if not texts:
+        raise GptlabError(f"{path} gave no usable examples" + (f" ({skip})" if skip and skip.count else ""))
+    if names is None:
+        if all(isinstance(lab, int) for _, lab in raw):
+            names = [str(i) for i in range(max(lab for _, lab in raw) + 1)]
+        elif all(isinstance(lab, str) for _, lab in raw):
+            names = sorted({lab for _, lab in raw})
+        else:
+            raise GptlabError(f"{path}: labels mix integers and strings; use one kind")
+        if len(names) < 2:
+            raise GptlabError(f"{path}: classification needs at least two classes, found {names}")
+    index = {name: i for i, name in enumerate(names)}
+    labels = []
+    for n, lab in raw:
+        key = str(lab)
+        if key not in index:
+            raise GptlabError(f"{path}:{n}: label {lab!r} is not one of the training labels {names}")
+        labels.append(index[key])
+    ids, truncated = [], 0
+    for e in tokenizer.encode_batch(texts):
+        if len(e) > seq_len:
+            e, truncated = e[:seq_len], truncated + 1
+        ids.append(e)
+    return ClassRows(list(zip(ids, labels)), list(names), truncated, skip)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# numbered batches
+
+
+class ExampleBatches:
+    """Numbered batches over a list of examples (fine-tuning): an epoch-wise shuffle seeded by (seed, epoch).
+
+    Micro-batch `index` of rank `rank` is made by `collate` from examples
+    perm(epoch)[(index * world + rank) * batch_size ...], wrapping into the next epoch, so resume and
+    data-parallel splits read exactly what an uninterrupted single-process run would.
+    """
+
+    def __init__(self, examples: list[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+                 seed: int = 0, shuffle: bool = True) -> None:
+        if not examples:
+            raise GptlabError("no examples to train on")
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.seed, self.shuffle = seed, shuffle
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.examples) / self.batch_size))
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+        return self._perm[1]
+
+    def batch(self, index: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        n = len(self.examples)
+        first = (index * world + rank) * self.batch_size
+        picked = []
+        for pos in range(first, first + self.batch_size):
+            if not self.shuffle and pos >= n:  # evaluation: the last batch may be short, never repeats
+                break
+            picked.append(self.examples[int(self._order(pos // n)[pos % n])])
+        if not picked:
+            picked = [self.examples[-1]]
+        return self.collate(picked)

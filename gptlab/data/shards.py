@@ -1,4 +1,4 @@
-"""Corpora -> token shards on disk, and the numbered batch sources the trainer reads.
+"""Corpora -> token shards on disk, and the numbered windows the pretraining loop reads.
 
 `gptlab prepare CORPUS --tokenizer T -o DATA` streams text through a tokenizer into:
 
@@ -8,8 +8,8 @@
     DATA/val-00000.bin ...    documents separated by the tokenizer's end-of-text id
 
 A corpus is text files, folders of them (recursively, sorted), JSONL files with a text field, or the name
-of the embedded corpus `python-docs` (gptlab/corpus.py). Text streams in pieces, so a corpus larger than
-memory works. The validation split is a deterministic ~val_fraction of the pieces spread over the whole
+of the embedded corpus `python-docs` (read by gptlab/data/corpus.py). Text streams in pieces, so a corpus
+larger than memory works. The validation split is a deterministic ~val_fraction of the pieces spread over the whole
 corpus. Bytes per token (UTF-8 bytes of the text / tokens) let the trainer report bits per byte.
 """
 
@@ -17,152 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gptlab.cli import command
+from gptlab.data import pydocs
+from gptlab.data.corpus import corpus_fingerprint, corpus_texts, read_corpus
 from gptlab.errors import GptlabError
+from gptlab.formats.atomic import replace_dir
 
 FORMAT = "gptlab-tokens-1"
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl"}
-PIECE_CHARS = 4096  # text is tokenized and assigned to a split in pieces of about this many characters
 BATCH_CHARS = 1 << 20  # characters handed to the tokenizer per encode_batch call (it parallelises inside)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# reading corpora
-
-
-def corpus_files(corpus: str | Path) -> list[Path]:
-    """The files a corpus path names: the file itself, or every text/JSONL file under a folder."""
-    p = Path(corpus).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        if not files:
-            raise GptlabError(f"folder {p} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
-        return files
-    raise GptlabError(f"corpus {corpus} does not exist (give a file, a folder, or 'python-docs')")
-
-
-def _pieces(text: str) -> Iterator[str]:
-    """Split a document at line ends into pieces of at most ~PIECE_CHARS (a long line is cut at a space)."""
-    start, n = 0, len(text)
-    while start < n:
-        end = start + PIECE_CHARS
-        if end >= n:
-            yield text[start:]
-            return
-        cut = text.rfind("\n", start, end)
-        if cut <= start:
-            cut = text.rfind(" ", start, end)
-        end = cut + 1 if cut > start else end
-        yield text[start:end]
-        start = end
-
-
-def _read_text_file(path: Path) -> Iterator[tuple[str, bool]]:
-    """(piece, ends_document) pieces of one text file, streamed; the whole file is one document."""
-    buf: list[str] = []
-    size = 0
-    seen_text = False
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            for line in f:
-                seen_text = seen_text or bool(line.strip())
-                buf.append(line)
-                size += len(line)
-                if size >= 16 * PIECE_CHARS:
-                    chunk = "".join(buf)
-                    buf, size = [], 0
-                    yield from ((piece, False) for piece in _pieces(chunk))
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"{path} is not UTF-8 text (invalid byte at offset {e.start} of a read block); "
-                          f"convert it to UTF-8 first") from None
-    if not seen_text:
-        raise GptlabError(f"{path} is empty (no text to train on)")
-    pieces = list(_pieces("".join(buf))) or [""]
-    for i, piece in enumerate(pieces):
-        yield piece, i == len(pieces) - 1
-
-
-def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, bool]]:
-    """Each line's `field` is one document."""
-    n_docs = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GptlabError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or field not in row:
-                    raise GptlabError(f"{path}:{lineno} has no {field!r} field (choose one with --text-field)")
-                text = row[field]
-                if not isinstance(text, str):
-                    raise GptlabError(f"{path}:{lineno}: field {field!r} is not a string")
-                if not text.strip():
-                    continue
-                n_docs += 1
-                pieces = list(_pieces(text))
-                for i, piece in enumerate(pieces):
-                    yield piece, i == len(pieces) - 1
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"{path} is not UTF-8 text (invalid byte at offset {e.start} of a read block)") from None
-    if n_docs == 0:
-        raise GptlabError(f"{path} is empty (no non-empty {field!r} values)")
-
-
-def read_corpus(corpus: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[tuple[str, bool]]:
-    """Stream a corpus as (piece of text, ends_document) pairs, in a deterministic order."""
-    from gptlab import corpus as embedded
-
-    names = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
-    for name in names:
-        if str(name) == embedded.NAME:
-            for doc in embedded.documents():
-                pieces = list(_pieces(doc))
-                for i, piece in enumerate(pieces):
-                    yield piece, i == len(pieces) - 1
-            continue
-        for path in corpus_files(name):
-            if path.suffix.lower() == ".jsonl":
-                yield from _read_jsonl(path, text_field)
-            else:
-                yield from _read_text_file(path)
-
-
-def corpus_texts(corpus: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
-    """The corpus as a stream of text pieces (what the tokenizer trainer reads)."""
-    return (piece for piece, _ in read_corpus(corpus, text_field))
-
-
-def corpus_fingerprint(corpus: str | Path | Iterable[str | Path]) -> str:
-    """Changes when the corpus may have: names, sizes and modification times of its files."""
-    from gptlab import corpus as embedded
-
-    names = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
-    h = hashlib.sha256()
-    for name in names:
-        if str(name) == embedded.NAME:
-            h.update(embedded.fingerprint().encode())
-            continue
-        for f in corpus_files(name):
-            st = f.stat()
-            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,7 +94,6 @@ def prepare(
     """
     from tqdm.auto import tqdm
 
-    from gptlab.hf import replace_dir
     from gptlab.tokenizer import load_tokenizer
 
     if isinstance(tokenizer, (str, Path)):
@@ -332,11 +202,9 @@ def ensure_prepared(
     p = Path(data).expanduser()
     if (p / "manifest.json").is_file():
         return p
-    from gptlab import corpus as embedded
-
-    if str(data) != embedded.NAME and not p.exists():
+    if str(data) != pydocs.NAME and not p.exists():
         raise GptlabError(f"data {data!r} is neither a prepared data dir, a corpus path, nor 'python-docs'")
-    stem = embedded.NAME if str(data) == embedded.NAME else p.resolve().name
+    stem = pydocs.NAME if str(data) == pydocs.NAME else p.resolve().name
     fp = corpus_fingerprint(data)
     tok_key = f"bpe{vocab_size}" if tokenizer is None else "tok-" + hashlib.sha256(
         str(Path(tokenizer).resolve()).encode()).hexdigest()[:8]
@@ -419,76 +287,3 @@ class TokenWindows:
         rows = np.stack([self._window(o) for o in self.offsets(index, rank, world)])  # (B, T + 1)
         t = torch.from_numpy(rows)
         return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
-
-
-class ExampleBatches:
-    """Numbered batches over a list of examples (fine-tuning): an epoch-wise shuffle seeded by (seed, epoch).
-
-    Micro-batch `index` of rank `rank` is made by `collate` from examples
-    perm(epoch)[(index * world + rank) * batch_size ...], wrapping into the next epoch, so resume and
-    data-parallel splits read exactly what an uninterrupted single-process run would.
-    """
-
-    def __init__(self, examples: list[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
-                 seed: int = 0, shuffle: bool = True) -> None:
-        if not examples:
-            raise GptlabError("no examples to train on")
-        self.examples, self.batch_size, self.collate = examples, batch_size, collate
-        self.seed, self.shuffle = seed, shuffle
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return max(1, math.ceil(len(self.examples) / self.batch_size))
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.examples))
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
-        return self._perm[1]
-
-    def batch(self, index: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-        n = len(self.examples)
-        first = (index * world + rank) * self.batch_size
-        picked = []
-        for pos in range(first, first + self.batch_size):
-            if not self.shuffle and pos >= n:  # evaluation: the last batch may be short, never repeats
-                break
-            picked.append(self.examples[int(self._order(pos // n)[pos % n])])
-        if not picked:
-            picked = [self.examples[-1]]
-        return self.collate(picked)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI
-
-
-@command("prepare")
-def prepare_command(
-    corpus: list[str],
-    tokenizer: str = "",
-    out: str = "",
-    val_fraction: float = 0.01,
-    text_field: str = "text",
-    quiet: bool = False,
-) -> int:
-    """Tokenize a corpus into token shards (uint16/uint32 memmaps) with a held-out validation split.
-
-    Args:
-        corpus: text files, folders of them, JSONL files, or python-docs (the embedded corpus)
-        tokenizer: a tokenizer dir (tokenizer.json), e.g. from `gptlab tokenizer train`, or an HF model dir
-        out: output data dir (-o); default: data/<corpus name>
-        val_fraction: share of the text held out for validation
-        text_field: the field holding the text in JSONL files
-        quiet: no progress bar
-    """
-    if not tokenizer:
-        raise GptlabError("pass --tokenizer DIR (make one with `gptlab tokenizer train CORPUS --out DIR`)")
-    dest = Path(out or Path("data") / Path(corpus[0]).name)
-    manifest = prepare(corpus, tokenizer, dest, val_fraction=val_fraction, text_field=text_field,
-                       show_progress=not quiet)
-    s = manifest["splits"]
-    print(f"{dest}: {s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({manifest['dtype']}), "
-          f"{manifest['bytes_per_token']:.2f} bytes per token")
-    return 0

@@ -4,11 +4,9 @@
     result = evaluate("path/to/model", "lambada", "lambada.jsonl", batch_size=32)
     print(result.table())
 
-Importing this package registers `gptlab eval` and nothing heavier: lm_eval and datasets are imported only
-when a harness model or a standard benchmark is asked for. docs/eval.md has the formulas.
+Importing this package is light: lm_eval and datasets are imported only when a harness model or a
+standard benchmark is asked for. docs/eval.md has the formulas; `gptlab eval` is gptlab/cli/eval.py.
 """
-
-from gptlab.eval import cli as _cli  # noqa: F401  (registers the `eval` command)
 
 
 def evaluate(*args, **kwargs):

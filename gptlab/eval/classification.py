@@ -14,30 +14,12 @@ labels, so they share one prefill). Reported:
 from __future__ import annotations
 
 from gptlab.eval.data import Doc, fewshot_contexts, render, require, where
+from gptlab.eval.metrics import classification_report, confusion_matrix
 from gptlab.eval.results import EvalResult, mean_stderr
 from gptlab.eval.scorer import Scorer
 from gptlab.errors import GptlabError
 
 DEFAULT_TEMPLATE = "{text}\nLabel:"
-
-
-def class_metrics(labels: list[str], gold: list[int], pred: list[int]) -> dict:
-    """Per-class precision / recall / F1 / support, macro F1 and the confusion matrix (rows: true)."""
-    k = len(labels)
-    confusion = [[0] * k for _ in range(k)]
-    for g, p in zip(gold, pred):
-        confusion[g][p] += 1
-    per_class = {}
-    for c, name in enumerate(labels):
-        tp = confusion[c][c]
-        fp = sum(confusion[r][c] for r in range(k)) - tp
-        fn = sum(confusion[c]) - tp
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
-    macro_f1 = sum(s["f1"] for s in per_class.values()) / k
-    return {"labels": list(labels), "per_class": per_class, "confusion": confusion, "macro_f1": macro_f1}
 
 
 def evaluate_classification(scorer: Scorer, docs: list[Doc], labels: list[str] | None = None,
@@ -75,7 +57,8 @@ def evaluate_classification(scorer: Scorer, docs: list[Doc], labels: list[str] |
         pred.append(p)
         samples.append({"label": label, "pred": labels[p], "loglikelihoods": dict(zip(labels, lls))})
     hits = [float(g == p) for g, p in zip(gold, pred)]
-    details = class_metrics(labels, gold, pred)
+    details = classification_report(confusion_matrix(gold, pred, len(labels)), labels)
+    details.pop("accuracy")  # reported as acc, with its standard error
     metrics = {"acc": sum(hits) / len(hits), "macro_f1": details.pop("macro_f1")}
     return EvalResult(task="classification", metrics=metrics, stderr={"acc": mean_stderr(hits), "macro_f1": None},
                       n=len(rows), seconds=scorer.seconds - seconds, tokens=scorer.tokens - tokens,

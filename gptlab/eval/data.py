@@ -7,38 +7,27 @@ the same fields with the prompts the harness's task YAMLs use, so numbers are co
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptlab.errors import GptlabError
+from gptlab.data import jsonl
+from gptlab.errors import GptlabError, reason
 
 Doc = dict[str, Any]
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[Doc]:
-    """Objects of a JSONL file, one per non-blank line; a bad line is a GptlabError naming its number."""
-    path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"data file {path} does not exist")
+    """Objects of a JSONL file (gptlab.data.jsonl), each with its line number as `_line`, the first `limit`."""
     docs: list[Doc] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptlabError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(doc, dict):
-                raise GptlabError(f"{path}:{lineno}: expected a JSON object, got {type(doc).__name__}")
-            doc["_line"] = lineno
-            docs.append(doc)
-            if limit is not None and len(docs) >= limit:
-                break
+    if limit is not None and limit < 1:
+        return docs
+    for lineno, doc in jsonl.read_jsonl(path):
+        docs.append({**doc, "_line": lineno})
+        if len(docs) == limit:
+            break  # what lies beyond the limit is not read
     return docs
 
 
@@ -74,7 +63,7 @@ def render(template: str, doc: Doc, at: str) -> str:
 
 
 @dataclass(frozen=True)
-class Standard:
+class Benchmark:
     task: str  # the gptlab task that evaluates it
     path: str  # Hugging Face dataset id
     name: str | None  # dataset config
@@ -108,21 +97,21 @@ def _mmlu(d: Doc) -> Doc:
     return {"context": prompt, "choices": ["A", "B", "C", "D"], "label": int(d["answer"])}
 
 
-STANDARD: dict[str, Standard] = {
-    "wikitext-2": Standard("perplexity", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
+BENCHMARKS: dict[str, Benchmark] = {
+    "wikitext-2": Benchmark("perplexity", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
                            lambda d: {"text": d["page"]}),
-    "lambada": Standard("lambada", "EleutherAI/lambada_openai", "default", "test", lambda d: {"text": d["text"]}),
-    "hellaswag": Standard("multiple_choice", "Rowan/hellaswag", None, "validation", _hellaswag),
-    "arc_easy": Standard("multiple_choice", "allenai/ai2_arc", "ARC-Easy", "test", _arc),
-    "arc_challenge": Standard("multiple_choice", "allenai/ai2_arc", "ARC-Challenge", "test", _arc),
-    "piqa": Standard("multiple_choice", "baber/piqa", None, "validation", _piqa),
-    "mmlu": Standard("multiple_choice", "cais/mmlu", "all", "test", _mmlu),
+    "lambada": Benchmark("lambada", "EleutherAI/lambada_openai", "default", "test", lambda d: {"text": d["text"]}),
+    "hellaswag": Benchmark("multiple_choice", "Rowan/hellaswag", None, "validation", _hellaswag),
+    "arc_easy": Benchmark("multiple_choice", "allenai/ai2_arc", "ARC-Easy", "test", _arc),
+    "arc_challenge": Benchmark("multiple_choice", "allenai/ai2_arc", "ARC-Challenge", "test", _arc),
+    "piqa": Benchmark("multiple_choice", "baber/piqa", None, "validation", _piqa),
+    "mmlu": Benchmark("multiple_choice", "cais/mmlu", "all", "test", _mmlu),
 }
 
 
 def fetch_standard(name: str, limit: int | None = None) -> list[Doc]:
     """Download a standard benchmark with `datasets` (imported only here) and convert its rows."""
-    spec = STANDARD[name]
+    spec = BENCHMARKS[name]
     try:
         import datasets
     except ImportError:
@@ -132,15 +121,14 @@ def fetch_standard(name: str, limit: int | None = None) -> list[Doc]:
     try:
         rows = datasets.load_dataset(spec.path, spec.name, split=split)
     except Exception as e:  # offline, renamed or gated: all end the same way for the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise GptlabError(f"could not fetch {name!r} ({spec.path}) with `datasets`: {reason}; "
+        raise GptlabError(f"could not fetch {name!r} ({spec.path}) with `datasets`: {reason(e)}; "
                           f"download it where you have network access, or pass a local file with --data") from None
     return [spec.convert(dict(r)) for r in rows]
 
 
 def load_docs(data: str | Path, limit: int | None = None, text_ok: bool = False) -> list[Doc]:
     """Rows of a local JSONL file, a text file as one document {"text": ...} (when `text_ok`), or a
-    standard benchmark by name (`STANDARD`)."""
+    standard benchmark by name (`BENCHMARKS`)."""
     path = Path(data)
     if path.is_file():
         if path.suffix in (".jsonl", ".json", ".ndjson"):
@@ -152,10 +140,10 @@ def load_docs(data: str | Path, limit: int | None = None, text_ok: bool = False)
             return [{"text": path.read_text(encoding="utf-8")}]
         except UnicodeDecodeError as e:
             raise GptlabError(f"{path} is not UTF-8 text: {e}") from None
-    if str(data) in STANDARD:
+    if str(data) in BENCHMARKS:
         return fetch_standard(str(data), limit)
     raise GptlabError(f"data {str(data)!r} is neither a file nor a standard benchmark name "
-                      f"({', '.join(STANDARD)})")
+                      f"({', '.join(BENCHMARKS)})")
 
 
 def fewshot_examples(docs: Sequence[Any], shots: Sequence[Any] | None, k: int, seed: int) -> list[list[Any]]:

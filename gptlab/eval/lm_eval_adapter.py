@@ -36,7 +36,7 @@ class GptlabLM(TemplateLM):
         dtype: float32 / bfloat16 / float16 (default: the checkpoint's)
         device: cpu / cuda / ... (default: cpu)
         batch_size: continuations per forward pass ("auto" means the default, 16)
-        max_length: context used for scoring (default: the model's block_size)
+        max_length: context used for scoring (default: the model's context length)
         max_gen_toks: default generation budget for generate_until tasks (256, as HFLM)
     """
 
@@ -44,7 +44,8 @@ class GptlabLM(TemplateLM):
                  device: str | None = None, batch_size: int | str = 16, max_length: int | None = None,
                  max_gen_toks: int = 256, **unused) -> None:
         super().__init__()
-        import gptlab
+        from gptlab.formats import hf
+        from gptlab.tokenizer import load_tokenizer
 
         unused.pop("max_batch_size", None)  # passed by simple_evaluate for every model
         if unused:
@@ -52,13 +53,13 @@ class GptlabLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise GptlabError("model_args needs pretrained=<model dir> (or pass model= and tokenizer=)")
-            model = gptlab.load(pretrained, dtype=dtype, device=device)
-            tokenizer = tokenizer or gptlab.load_tokenizer(pretrained)
+            model = hf.load(pretrained, dtype=dtype, device=device)
+            tokenizer = tokenizer or load_tokenizer(pretrained)
         elif tokenizer is None:
             raise GptlabError("pass tokenizer= along with model=")
         bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.scorer = Scorer(model, tokenizer, batch_size=bs, max_length=max_length, progress=False)
+        self.scorer = Scorer(model, tokenizer, batch_size=bs, context_length=max_length, progress=False)
         self._max_gen_toks = max_gen_toks
 
     # ---- what the harness asks of a model ----
@@ -72,7 +73,7 @@ class GptlabLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self.scorer.max_length
+        return self.scorer.context_length
 
     @property
     def max_gen_toks(self) -> int:
@@ -122,7 +123,7 @@ class GptlabLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generate per request until a stop string, EOS or max_gen_toks, post-processed as HFLM does."""
-        from gptlab.generate import generate_ids
+        from gptlab.infer.generate import generate_ids
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}

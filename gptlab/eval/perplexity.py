@@ -115,7 +115,7 @@ def evaluate_perplexity(
     return EvalResult(
         task="perplexity", metrics=metrics, stderr={k: None for k in metrics}, n=len(texts),
         seconds=scorer.seconds - seconds, tokens=scorer.tokens - tokens,
-        config={"window": window or scorer.max_length, "stride": stride or window or scorer.max_length,
+        config={"window": window or scorer.context_length, "stride": stride or window or scorer.context_length,
                 "detokenize": detokenize, "windows": len(requests)},
         details={"loglikelihood": total, "tokens": T, "words": Wd, "bytes": B}, samples=samples,
     )

@@ -105,7 +105,7 @@ def evaluate_qa(model, tokenizer, docs: list[Doc], batch_size: int = 16, templat
     from tqdm.auto import tqdm
 
     from gptlab.eval.data import fewshot_contexts, render
-    from gptlab.generate import generate
+    from gptlab.infer.generate import generate
 
     template = template or DEFAULT_TEMPLATE
     rows = []

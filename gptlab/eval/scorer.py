@@ -38,15 +38,16 @@ HEAD_ROWS = 2048  # positions per output-head chunk (bounds the logits' memory, 
 class Scorer:
     """Scores continuations under a gptlab model; `batch_size` bounds the rows of every forward pass."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
+    def __init__(self, model, tokenizer, batch_size: int = 16, context_length: int | None = None,
                  progress: bool = True) -> None:
         if batch_size < 1:
             raise GptlabError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
-        self.max_length = max_length or model.config.block_size
-        if self.max_length > model.config.block_size:
-            raise GptlabError(f"max_length {self.max_length} exceeds the model's context of {model.config.block_size}")
+        self.context_length = context_length or model.config.context_length  # tokens a request may read
+        if self.context_length > model.config.context_length:
+            raise GptlabError(f"context length {self.context_length} exceeds the model's "
+                              f"({model.config.context_length})")
         # HFLM.prefix_token_id: the BOS when the tokenizer has one, else the EOS
         self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         self._prefix_text = tokenizer.decode([self.prefix_id]) if self.prefix_id is not None else None
@@ -91,7 +92,7 @@ class Scorer:
         """(sum of log-probs of the continuation, is_greedy) per (context ids, continuation ids) request."""
         from tqdm.auto import tqdm
 
-        L = self.max_length
+        L = self.context_length
         # context (as the model will see it) -> continuation -> indices of the requests asking for it
         groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
         for i, (ctx, cont) in enumerate(requests):
@@ -139,7 +140,7 @@ class Scorer:
         # up to batch_size contexts per prefill, similar context lengths together; their continuations are
         # then re-sorted by their own length for the second pass (_score_shared)
         items = sorted(items, key=lambda it: -len(it[0]))
-        limit = self.model.config.block_size  # the cache holds the longest context + the longest continuation
+        limit = self.model.config.context_length  # the cache holds the longest context + the longest continuation
         batch, longest = [], 0
         for ctx, conts in items:
             cont = max(map(len, conts))
@@ -248,10 +249,10 @@ class Scorer:
         window is aligned to the end of the text. With S < W each scored token sees at least W - S earlier
         tokens (the sliding window of the GPT-2 paper and transformers' perplexity guide).
         """
-        W = window or self.max_length
+        W = window or self.context_length
         S = stride or W
-        if not 1 <= W <= self.max_length:
-            raise GptlabError(f"window must be between 1 and the model's context ({self.max_length}), got {W}")
+        if not 1 <= W <= self.context_length:
+            raise GptlabError(f"window must be between 1 and the model's context ({self.context_length}), got {W}")
         if not 1 <= S <= W:
             raise GptlabError(f"stride must be between 1 and the window ({W}), got {S}")
         if not tokens:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gptlab.eval.data import STANDARD, load_docs
+from gptlab.eval.data import BENCHMARKS, load_docs
 from gptlab.eval.results import EvalResult
 from gptlab.errors import GptlabError
 
 TASKS = ("perplexity", "lambada", "multiple_choice", "qa", "classification")
+TASK_ALIASES = {"classify": "classification"}  # the name `gptlab finetune` used to take
 DEFAULT_DATA = {"perplexity": "wikitext-2", "lambada": "lambada"}  # standard sets used when no data is given
 
 # options each task reads; setting another is an error rather than silently ignored
@@ -54,13 +55,14 @@ def evaluate(
     options: the task's own settings (window, stride, detokenize, field, bootstrap_iters, num_fewshot,
       fewshot_data, seed, labels, template, max_new_tokens, stop, strip_think, chat, rel_tol).
     """
-    if task in STANDARD and task not in TASKS:
+    task = TASK_ALIASES.get(task, task)
+    if task in BENCHMARKS and task not in TASKS:
         if data is not None:
             raise GptlabError(f"task {task!r} is a standard benchmark with its own data; drop --data, or use "
-                              f"--task {STANDARD[task].task} with your file")
-        task, data = STANDARD[task].task, task
+                              f"--task {BENCHMARKS[task].task} with your file")
+        task, data = BENCHMARKS[task].task, task
     if task not in TASKS:
-        raise GptlabError(f"unknown task {task!r} (tasks: {', '.join(TASKS)}; benchmarks: {', '.join(STANDARD)})")
+        raise GptlabError(f"unknown task {task!r} (tasks: {', '.join(TASKS)}; benchmarks: {', '.join(BENCHMARKS)})")
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise GptlabError(f"unknown option(s) {', '.join(unknown)}")
@@ -79,11 +81,12 @@ def evaluate(
     fewshot_docs = load_docs(opts["fewshot_data"]) if opts.get("fewshot_data") else None
 
     if isinstance(model, (str, os.PathLike)):
-        import gptlab
+        from gptlab.formats import hf
+        from gptlab.tokenizer import load_tokenizer
 
         model_name = str(model)
-        tokenizer = tokenizer or gptlab.load_tokenizer(model)
-        model = gptlab.load(model, dtype=dtype, device=device)
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = hf.load(model, dtype=dtype, device=device)
     else:
         if tokenizer is None:
             raise GptlabError("pass tokenizer= along with a loaded model")

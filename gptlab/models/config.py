@@ -3,16 +3,15 @@
 Families differ only by the fields below (norm kind, MLP kind, parallel residual, kv heads, qk-norm,
 biases, rotary fraction and style, local windows, experts); `model.py` reads nothing else. Derived fields
 are filled in `__post_init__`, and a Config round-trips through JSON (`to_dict` / `from_dict`).
-The table of named presets lives in `presets.py`.
+The table of named presets lives in `presets.py`; how each HF family spells these fields in its
+config.json lives in `gptlab/formats/families/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from gptlab.errors import GptlabError
 
@@ -24,13 +23,15 @@ Positions = Literal["learned", "rotary"]
 
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {"block_size": "context_length"}  # nanoGPT's name, read as ours
+
     name: str = "custom"
     hf_repo: str | None = None  # the Hugging Face repo this preset corresponds to, when one exists
     model_type: str = "gpt2"  # HF `model_type`; picks the weight-name map used to load and save
 
     # sizes
     vocab_size: int = 50257
-    block_size: int = 1024  # context length (n_positions / max_position_embeddings)
+    context_length: int = 1024  # tokens the model attends over (HF n_positions / max_position_embeddings)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -79,7 +80,7 @@ class Config:
     lm_head_bias: bool = False  # GPT-J
 
     # training
-    dropout: float = 0.0  # embedding, attention and residual dropout (0 for pretraining, as nanoGPT)
+    dropout: float = 0.0  # embedding, attention and residual dropout
     init_std: float = 0.02
 
     # special tokens (kept for generation and saving)
@@ -130,18 +131,25 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """A Config from a dict of its fields; nanoGPT's `block_size` is read as `context_length`."""
+        d = {cls.RENAMED.get(k, k): v for k, v in d.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise GptlabError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**d)
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def architecture_diff(self, other: "Config") -> list[str]:
+        """The ARCHITECTURE fields (and "layer_windows", compared per layer) where the two configs differ:
+        empty when both build the same computation over the same weight shapes."""
+        diff = [k for k in ARCHITECTURE if getattr(self, k) != getattr(other, k)]
+        if [self.window(i) for i in range(self.n_layer)] != [other.window(i) for i in range(other.n_layer)]:
+            diff.append("layer_windows")
+        return diff
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
-        from gptlab.presets import PRESETS
+        from gptlab.models.presets import PRESETS
 
         if name not in PRESETS:
             raise GptlabError(f"unknown preset {name!r}; `gptlab models` lists them")
@@ -150,6 +158,16 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
+
+# the fields that decide the weights' shapes and the computation (not: names, dropout, init, token ids;
+# layer_windows is compared per layer, since [] and [0, 0, ...] mean the same)
+ARCHITECTURE = (
+    "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim", "intermediate_size",
+    "norm", "post_norm", "final_norm", "parallel_residual", "shared_norm", "qkv_bias", "attn_out_bias", "qk_norm",
+    "scale_attn", "positions", "rotary_fraction", "rotary_interleaved", "rope_theta", "mlp", "activation",
+    "mlp_bias", "n_expert", "n_expert_per_token", "moe_intermediate_size", "norm_topk_prob",
+    "shared_expert_intermediate_size", "dense_layers", "tie_embeddings", "lm_head_bias",
+)
 
 def _choices(name: str) -> tuple[str, ...]:
     hint = {"norm": Norm, "mlp": MLPKind, "activation": Activation, "positions": Positions}[name]

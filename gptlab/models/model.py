@@ -12,15 +12,14 @@ tells each row how many leading slots are padding, so positions and masks stay e
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab import kernels
-from gptlab.config import Config
 from gptlab.errors import GptlabError
+from gptlab.models.config import Config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ class Attention(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # q, k and v in one matmul, rows ordered [q; k; v] (hf.py splits / joins each family's layout)
+        # q, k and v in one matmul, rows ordered [q; k; v] (gptlab/formats/families split / join each family's layout)
         self.qkv = Linear(config.n_embd, config.qkv_dim, bias=config.qkv_bias)
         self.proj = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.attn_out_bias)
         if config.qk_norm:
@@ -246,7 +245,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
         self.wpe = None
         if config.positions == "learned":
-            self.wpe = nn.Embedding(config.block_size, config.n_embd, _weight=torch.empty(config.block_size, config.n_embd))
+            self.wpe = nn.Embedding(config.context_length, config.n_embd, _weight=torch.empty(config.context_length, config.n_embd))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config, config.n_embd) if config.final_norm else nn.Identity()
@@ -262,7 +261,7 @@ class GPT(nn.Module):
     def init_buffers(self, device: torch.device | None = None) -> None:
         """(Re)compute the rotary tables; call after `to_empty` from the meta device."""
         if self.config.positions == "rotary":
-            cos, sin = rope_cache(self.config, self.config.block_size, device=device)
+            cos, sin = rope_cache(self.config, self.config.context_length, device=device)
         else:
             cos = sin = torch.empty(0, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -291,8 +290,8 @@ class GPT(nn.Module):
     # ---- KV cache ----
     def setup_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None, device=None) -> None:
         """Allocate a static KV cache of `length` slots per layer for `batch_size` rows."""
-        if length > self.config.block_size:
-            raise GptlabError(f"cache length {length} exceeds the model's context of {self.config.block_size}")
+        if length > self.config.context_length:
+            raise GptlabError(f"cache length {length} exceeds the model's context of {self.config.context_length}")
         p = self.wte.weight
         c = self.config
         for block in self.blocks:
@@ -325,8 +324,8 @@ class GPT(nn.Module):
         if input_pos is None:
             if cached:
                 raise GptlabError("the KV cache is set up: pass input_pos (or call clear_cache)")
-            if T > self.config.block_size:
-                raise GptlabError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}")
+            if T > self.config.context_length:
+                raise GptlabError(f"sequence of {T} tokens exceeds the model's context of {self.config.context_length}")
             input_pos = torch.arange(T, device=idx.device)
         kv_len = T
         if cached:
@@ -382,9 +381,3 @@ class GPT(nn.Module):
         if exclude_embeddings:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
-
-    def save(self, path: str | Path, tokenizer=None, **extra) -> Path:
-        """Write a Hugging Face-format model dir (config.json + model.safetensors [+ tokenizer])."""
-        from gptlab.hf import save
-
-        return save(self, path, tokenizer=tokenizer, **extra)

@@ -1,9 +1,9 @@
 """Named presets: name -> Config fields, read by `Config.from_name(name)`; `gptlab models` prints them.
 
-Each entry with an `hf_repo` holds exactly the fields `gptlab.hf.config_from_hf` reads from that repo's
+Each entry with an `hf_repo` holds exactly the fields `gptlab.formats.hfconfig.config_from_hf` reads from that repo's
 config.json (sizes, biases, tied head, rope_theta, head_dim, norm eps, special token ids), so
 `Config.from_name("qwen3-0.6b")` builds the same model `gptlab.load("Qwen/Qwen3-0.6B")` does. Fields left
-out take Config's defaults, which are GPT-2's. tests/test_presets.py builds every entry and checks its
+out take Config's defaults, which are GPT-2's. tests/models/test_presets.py builds every entry and checks its
 parameter count against the published figure.
 
 Where a family has base and post-trained repos with the same architecture, the preset names the one
@@ -29,7 +29,7 @@ def _add(name: str, family: str, **fields: Any) -> None:
 # openai-community/openai-gpt config.json: afn "gelu" (the tanh form in transformers), no token ids.
 
 _add("openai-gpt", "gpt1", hf_repo="openai-community/openai-gpt", model_type="openai-gpt", vocab_size=40478,
-     block_size=512, n_layer=12, n_head=12, n_embd=768, post_norm=True, final_norm=False, activation="gelu_new")
+     context_length=512, n_layer=12, n_head=12, n_embd=768, post_norm=True, final_norm=False, activation="gelu_new")
 
 # ---------------------------------------------------------------------------------------------------------
 # GPT-2 (Radford et al. 2019): pre-norm, learned positions, tied head, 50257 vocab, 1024 context.
@@ -37,7 +37,7 @@ _add("openai-gpt", "gpt1", hf_repo="openai-community/openai-gpt", model_type="op
 for _name, _layers, _width, _heads in (
     ("gpt2", 12, 768, 12), ("gpt2-medium", 24, 1024, 16), ("gpt2-large", 36, 1280, 20), ("gpt2-xl", 48, 1600, 25),
 ):
-    _add(_name, "gpt2", hf_repo=f"openai-community/{_name}", model_type="gpt2", vocab_size=50257, block_size=1024,
+    _add(_name, "gpt2", hf_repo=f"openai-community/{_name}", model_type="gpt2", vocab_size=50257, context_length=1024,
          n_layer=_layers, n_head=_heads, n_embd=_width, bos_token_id=50256, eos_token_id=50256)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ for _name, _layers, _width, _heads in (
     ("gpt3-13b", 40, 5120, 40),  # d_head 128 (Table 2.1 says d_model 5140; see above)
     ("gpt3-175b", 96, 12288, 96),  # "GPT-3", d_head 128
 ):
-    _add(_name, "gpt3", model_type="gpt_neo", vocab_size=50257, block_size=2048, n_layer=_layers, n_head=_heads,
+    _add(_name, "gpt3", model_type="gpt_neo", vocab_size=50257, context_length=2048, n_layer=_layers, n_head=_heads,
          n_embd=_width, qkv_bias=False, scale_attn=False, layer_windows=[0, 256] * (_layers // 2))
 
 # ---------------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ for _name, _repo, _layers, _width, _heads in (
     ("gpt-neo-1.3b", "EleutherAI/gpt-neo-1.3B", 24, 2048, 16),
     ("gpt-neo-2.7b", "EleutherAI/gpt-neo-2.7B", 32, 2560, 20),
 ):
-    _add(_name, "gpt-neo", hf_repo=_repo, model_type="gpt_neo", vocab_size=50257, block_size=2048, n_layer=_layers,
+    _add(_name, "gpt-neo", hf_repo=_repo, model_type="gpt_neo", vocab_size=50257, context_length=2048, n_layer=_layers,
          n_head=_heads, n_embd=_width, qkv_bias=False, scale_attn=False, layer_windows=[0, 256] * (_layers // 2),
          bos_token_id=50256, eos_token_id=50256)
 
@@ -82,7 +82,7 @@ for _name, _repo, _layers, _width, _heads in (
 # GPT-J-6B (Wang & Komatsuzaki 2021): parallel attention + MLP off one shared norm, interleaved rotary on
 # 64 of 256 head dims, untied head with a bias, vocab padded to 50400.
 
-_add("gpt-j-6b", "gpt-j", hf_repo="EleutherAI/gpt-j-6b", model_type="gptj", vocab_size=50400, block_size=2048,
+_add("gpt-j-6b", "gpt-j", hf_repo="EleutherAI/gpt-j-6b", model_type="gptj", vocab_size=50400, context_length=2048,
      n_layer=28, n_head=16, n_embd=4096, positions="rotary", rotary_fraction=0.25, rotary_interleaved=True,
      parallel_residual=True, shared_norm=True, qkv_bias=False, attn_out_bias=False, tie_embeddings=False,
      lm_head_bias=True, bos_token_id=50256, eos_token_id=50256)
@@ -96,7 +96,7 @@ _add("gpt-j-6b", "gpt-j", hf_repo="EleutherAI/gpt-j-6b", model_type="gptj", voca
 
 
 def _neox(repo: str, vocab: int, layers: int, width: int, heads: int, activation: str = "gelu") -> dict[str, Any]:
-    return dict(hf_repo=repo, model_type="gpt_neox", vocab_size=vocab, block_size=2048, n_layer=layers,
+    return dict(hf_repo=repo, model_type="gpt_neox", vocab_size=vocab, context_length=2048, n_layer=layers,
                 n_head=heads, n_embd=width, intermediate_size=4 * width, activation=activation, positions="rotary",
                 rotary_fraction=0.25, parallel_residual=True, tie_embeddings=False, bos_token_id=0, eos_token_id=0)
 
@@ -116,7 +116,7 @@ for _size, _vocab, _layers, _width, _heads in (
 
 def _qwen2_5(size: str, vocab: int, ctx: int, layers: int, width: int, heads: int, kv: int, ffn: int,
              eps: float, tie: bool) -> dict[str, Any]:
-    return dict(hf_repo=f"Qwen/Qwen2.5-{size}", model_type="qwen2", vocab_size=vocab, block_size=ctx,
+    return dict(hf_repo=f"Qwen/Qwen2.5-{size}", model_type="qwen2", vocab_size=vocab, context_length=ctx,
                 n_layer=layers, n_head=heads, n_kv_head=kv, n_embd=width, intermediate_size=ffn, norm="rmsnorm",
                 norm_eps=eps, positions="rotary", rope_theta=1000000.0, mlp="glu", activation="silu",
                 mlp_bias=False, attn_out_bias=False, tie_embeddings=tie, bos_token_id=151643, eos_token_id=151643)
@@ -142,7 +142,7 @@ for _size, _vocab, _ctx, _layers, _width, _heads, _kv, _ffn, _eps, _tie in (
 
 def _qwen3(repo: str, layers: int, width: int, heads: int, kv: int, ffn: int, tie: bool, **moe: Any) -> dict[str, Any]:
     return dict(hf_repo=f"Qwen/{repo}", model_type="qwen3_moe" if moe else "qwen3", vocab_size=151936,
-                block_size=40960, n_layer=layers, n_head=heads, n_kv_head=kv, n_embd=width, head_dim=128,
+                context_length=40960, n_layer=layers, n_head=heads, n_kv_head=kv, n_embd=width, head_dim=128,
                 intermediate_size=ffn, norm="rmsnorm", norm_eps=1e-6, positions="rotary", rope_theta=1000000.0,
                 mlp="moe" if moe else "glu", activation="silu", mlp_bias=False, qkv_bias=False, attn_out_bias=False,
                 qk_norm=True, tie_embeddings=tie, bos_token_id=151643, eos_token_id=151645, **moe)

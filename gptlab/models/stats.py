@@ -17,7 +17,8 @@ from functools import lru_cache
 
 import torch
 
-from gptlab.config import Config
+from gptlab.dtypes import parse_dtype
+from gptlab.models.config import Config
 
 
 def count_params(config: Config) -> dict[str, int]:
@@ -41,7 +42,7 @@ def _key(config: Config) -> str:
 
 @lru_cache(maxsize=256)
 def _count(key: str) -> tuple[tuple[str, int], ...]:
-    from gptlab.model import GPT, Block, MoE
+    from gptlab.models.model import GPT, Block, MoE
 
     config = Config.from_dict(json.loads(key))
     # Layers differ in parameters only by MoE vs dense MLP (windows add none), so the model is built on the
@@ -80,7 +81,7 @@ def flops_per_token(config: Config, seq_len: int | None = None, training: bool =
     lookup (no FLOPs); the lm_head is a real matmul, counted whether tied or not. training = 3 x forward.
     Causal masking is not discounted (the PaLM / nanoGPT convention MFU figures are quoted in).
     """
-    seq_len = config.block_size if seq_len is None else seq_len
+    seq_len = config.context_length if seq_len is None else seq_len
     counts = count_params(config)
     matmul = counts["active_non_embedding"] + counts["head"]
     ctx = sum(min(seq_len, config.window(i)) if config.window(i) else seq_len for i in range(config.n_layer))
@@ -90,8 +91,6 @@ def flops_per_token(config: Config, seq_len: int | None = None, training: bool =
 
 def weight_bytes(config: Config, dtype: torch.dtype | str = torch.bfloat16) -> int:
     """Bytes the weights take in `dtype` (all parameters, a tied lm_head once)."""
-    from gptlab.hf import parse_dtype
-
     return count_params(config)["total"] * parse_dtype(dtype).itemsize
 
 
@@ -102,20 +101,19 @@ def kv_cache_bytes(config: Config, seq_len: int | None = None, batch_size: int =
     Keys and values, every layer, n_kv_head * head_dim per token (GQA/MQA shrink it); gptlab's static cache
     (`GPT.setup_cache`) keeps every slot even for local-window layers, so windows do not reduce it.
     """
-    from gptlab.hf import parse_dtype
-
-    seq_len = config.block_size if seq_len is None else seq_len
+    seq_len = config.context_length if seq_len is None else seq_len
     per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim
     return per_token * seq_len * batch_size * parse_dtype(dtype).itemsize
 
 
-def mfu(tokens_per_s: float, config: Config, seq_len: int, peak_flops: float, training: bool = True) -> float:
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOPs / the hardware's peak (PaLM appendix B).
 
-    tokens_per_s: tokens processed per second (training: tokens per optimizer-step time x steps/s).
-    peak_flops: the accelerator's peak for the dtype used, e.g. 989e12 for an H100 SXM in dense bf16.
+    tokens_per_s: tokens processed per second per device; flops_per_token: `flops_per_token(config, seq_len,
+    training=True)` for training; peak_flops: the device's peak for the dtype used, e.g. 989e12 for an H100
+    SXM in dense bf16.
     """
-    return tokens_per_s * flops_per_token(config, seq_len, training=training) / peak_flops
+    return tokens_per_s * flops_per_token / peak_flops
 
 
 def human(n: float, unit: str = "") -> str:

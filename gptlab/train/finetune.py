@@ -1,6 +1,8 @@
-"""`gptlab finetune`: full or LoRA fine-tuning for instruction SFT, sequence classification or plain LM.
+"""Fine-tuning, the recipe behind `gptlab finetune`: full or LoRA, for instruction SFT, sequence
+classification or plain language modelling.
 
-Every combination runs on the one training loop (`train.Trainer`); a method only chooses what plugs in:
+Every combination runs on the one training loop (`gptlab.train.loop.Trainer`); a method only chooses what
+plugs in:
 
     method  which parameters train        what a checkpoint holds (saver)
     full    all of them                   an HF model dir (+ the classifier's score.weight)
@@ -9,12 +11,13 @@ Every combination runs on the one training loop (`train.Trainer`); a method only
     task      data rows                           loss (loss_fn)                        extra eval metrics
     sft       chat / instruction / prompt rows   next-token CE on assistant tokens      -
     lm        {"text"}                            next-token CE on every token           -
-    classify  {"text", "label"}                   CE of the score head, last token        accuracy, P/R/F1
+    classification  {"text", "label"}             CE of the score head, last token        accuracy, P/R/F1
+                    ("classify" is accepted for it)
 
 So resume (--resume), early stopping (--patience) with out_dir/best, data-parallel runs under torchrun
 and the logs are those of pretraining. Python:
 
-    from gptlab.finetune import FinetuneConfig, finetune
+    from gptlab.train.finetune import FinetuneConfig, finetune
     result = finetune("path/to/model", FinetuneConfig(data="train.jsonl", method="lora", task="sft"))
 """
 
@@ -24,47 +27,62 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from gptlab.classify import SequenceClassifier, load_class_rows, metrics_from_confusion
-from gptlab.cli import command
+from gptlab.data import examples
+from gptlab.data.examples import ExampleBatches, load_class_rows
 from gptlab.errors import GptlabError
-from gptlab.train import LoopConfig, Trainer, init_distributed, next_token_loss, pick_device, unwrap
+from gptlab.eval.metrics import classification_report
+from gptlab.formats import hf
+from gptlab.models import stats
+from gptlab.models.classifier import SequenceClassifier
+from gptlab.models.lora import apply_lora, unload_lora
+from gptlab.tokenizer import load_tokenizer
+from gptlab.train.loop import LoopConfig, Trainer
+from gptlab.train.losses import classification_loss, next_token_loss
+from gptlab.train.runtime import init_distributed, pick_device, unwrap
+from gptlab.train.savers import AdapterSaver, ClassifierSaver
 
 Method = Literal["full", "lora"]
-Task = Literal["sft", "classify", "lm"]
+Task = Literal["sft", "classification", "lm"]
 
 
 @dataclass
 class FinetuneConfig(LoopConfig):
     """A fine-tuning recipe: data, method, task and the loop settings of LoopConfig."""
 
-    data: str = ""  # training data: a JSONL file (see docs/finetune.md for the row shapes)
-    val_data: str = ""  # validation JSONL ("" = hold out val_fraction of data)
-    val_fraction: float = 0.1  # share of data held out for validation when val_data is not given (0 = none)
-    method: Method = "lora"  # full: train every weight; lora: train low-rank adapters only
-    task: Task = "sft"  # sft: chat/instruction rows, loss on answers; classify: text + label; lm: plain text
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv"])  # HF (q_proj, c_attn) or gptlab (qkv, mlp.fc) names, or all-linear
+    GROUP: ClassVar[str] = "data, method and task"
+    RENAMED: ClassVar[dict[str, str]] = {"max_len": "seq_len"}  # earlier option names, still read
+    ALIASES: ClassVar[dict[str, dict[str, str]]] = {"task": {"classify": "classification"}}  # other values read
+
+    data: str = ""  # training JSONL (row shapes: docs/finetune.md)
+    val_data: str = ""  # validation JSONL ("" = hold out val_fraction)
+    val_fraction: float = 0.1  # share of data held out (0 = none)
+    method: Method = "lora"  # full or lora
+    task: Task = "sft"  # rows
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv"])  # HF or gptlab module names, or all-linear
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # adapter scale is lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapters' input
-    rslora: bool = False  # scale by lora_alpha / sqrt(lora_r) (rank-stabilised LoRA)
-    max_len: int = 512  # tokens per example; longer ones are cut (lm: split); 0 = the model's context
-    pack: bool = False  # sft/lm: pack short examples into rows of max_len tokens
-    skip_bad_rows: bool = False  # count and skip malformed rows instead of stopping at the first
-    save_merged: bool = False  # lora: also write out_dir/merged, a full model with the adapter folded in
-    out_dir: str = "out/finetune"  # checkpoints (last/, best/, final/, merged/) and metrics.jsonl
-    max_steps: int = 300  # optimizer steps; the learning-rate schedule ends here
-    lr: float = 2e-4  # peak learning rate
-    min_lr: float = 2e-5  # learning rate at the end of the cosine decay
-    warmup_steps: int = 20  # linear warm-up from 0 to lr
-    weight_decay: float = 0.0  # AdamW decay on 2-D weights (fine-tuning usually uses none)
+    rslora: bool = False  # scale by lora_alpha / sqrt(lora_r)
+    seq_len: int = 512  # tokens per example (0 = context length)
+    pack: bool = False  # pack short examples into seq_len rows
+    skip_bad_rows: bool = False  # count and skip malformed rows
+    save_merged: bool = False  # lora: also write out_dir/merged
+    out_dir: str = "out/finetune"
+    max_steps: int = 300
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
     beta2: float = 0.999
-    eval_every: int = 50  # evaluate on the validation data every N steps (0 = only at the end)
+    eval_every: int = 50
+
+    def __post_init__(self) -> None:
+        self.task = self.ALIASES["task"].get(self.task, self.task)
 
 
 @dataclass
@@ -79,16 +97,6 @@ class FinetuneResult:
 
 # ---------------------------------------------------------------------------------------------------------
 # hooks for the Trainer
-
-
-def _gpt(model: nn.Module) -> nn.Module:
-    return model.model if isinstance(model, SequenceClassifier) else model
-
-
-def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of the class logits, and the number of rows (the Trainer averages)."""
-    logits = model(batch["input_ids"])  # (B, K)
-    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
 
 
 class ClassificationMetrics:
@@ -108,55 +116,12 @@ class ClassificationMetrics:
             preds = model(batch["input_ids"].to(trainer.device)).argmax(-1)
             labels = batch["labels"].to(trainer.device)
             conf.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
-        return metrics_from_confusion(dist.sum(conf), self.names)
-
-
-class AdapterSaver:
-    """LoRA checkpoints: only the adapter (and a classifier's head), in PEFT's layout."""
-
-    def __init__(self, tokenizer, base_model: str | None, labels: list[str] | None = None) -> None:
-        self.tokenizer, self.base_model, self.labels = tokenizer, base_model, labels
-
-    def save(self, model: nn.Module, path: Path) -> None:
-        from gptlab.classify import hf_extras
-        from gptlab.lora import save_adapter
-
-        extra, task_type = None, "CAUSAL_LM"
-        if isinstance(model, SequenceClassifier):
-            extra, _ = hf_extras(model, self.labels)
-            task_type = "SEQ_CLS"
-        save_adapter(_gpt(model), path, base_model=self.base_model, task_type=task_type, extra_tensors=extra,
-                     tokenizer=self.tokenizer)
-
-    def load(self, model: nn.Module, path: Path) -> None:
-        from gptlab.lora import load_adapter_weights
-
-        extras = load_adapter_weights(_gpt(model), path)
-        if isinstance(model, SequenceClassifier):
-            if "score.weight" not in extras:
-                raise GptlabError(f"{path} lacks the classifier head score.weight")
-            with torch.no_grad():
-                model.score.weight.copy_(extras["score.weight"])
-
-
-class ClassifierSaver:
-    """Full fine-tuning of a classifier: an HF dir transformers' AutoModelForSequenceClassification opens."""
-
-    def __init__(self, tokenizer, labels: list[str]) -> None:
-        self.tokenizer, self.labels = tokenizer, labels
-
-    def save(self, model: nn.Module, path: Path) -> None:
-        from gptlab.classify import save_classifier
-
-        save_classifier(model, path, self.labels, tokenizer=self.tokenizer)
-
-    def load(self, model: nn.Module, path: Path) -> None:
-        from gptlab.classify import load_classifier
-
-        p = next(model.parameters())
-        loaded, _ = load_classifier(path, dtype=p.dtype, device=p.device)
-        with torch.no_grad():
-            model.load_state_dict(loaded.state_dict(), strict=True)
+        report = classification_report(dist.sum(conf).tolist(), self.names)
+        out = {"accuracy": report["accuracy"]}
+        for name, c in report["per_class"].items():
+            out.update({f"precision/{name}": c["precision"], f"recall/{name}": c["recall"], f"f1/{name}": c["f1"]})
+        out["macro_f1"] = report["macro_f1"]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,28 +135,28 @@ def _pad_id(tok) -> int:
     raise GptlabError("the tokenizer has neither a pad nor an EOS token to pad batches with")
 
 
-def _datasets(cfg: FinetuneConfig, tok, max_len: int):
+def _datasets(cfg: FinetuneConfig, tok, seq_len: int):
     """(train examples, val examples, collate, class names or None, a summary line)."""
-    from gptlab import sft
+    sft = examples
     if not cfg.data:
         raise GptlabError("no training data: pass --data FILE.jsonl")
     pad = _pad_id(tok)
-    if cfg.task == "classify":
-        rows = load_class_rows(cfg.data, tok, max_len, skip_bad=cfg.skip_bad_rows)
+    if cfg.task == "classification":
+        rows = load_class_rows(cfg.data, tok, seq_len, skip_bad=cfg.skip_bad_rows)
         names = rows.names
         if cfg.val_data:
-            val_rows = load_class_rows(cfg.val_data, tok, max_len, names=names, skip_bad=cfg.skip_bad_rows)
+            val_rows = load_class_rows(cfg.val_data, tok, seq_len, names=names, skip_bad=cfg.skip_bad_rows)
             train, val = rows.examples, val_rows.examples
         else:
             train, val = sft.split(rows.examples, cfg.val_fraction, cfg.seed)
         return train, val, sft.Collate(pad), names, rows.summary()
-    enc = sft.encode_file(cfg.data, tok, cfg.task, max_len, skip_bad=cfg.skip_bad_rows)
+    enc = sft.encode_file(cfg.data, tok, cfg.task, seq_len, skip_bad=cfg.skip_bad_rows)
     if cfg.val_data:
-        train, val = enc.examples, sft.encode_file(cfg.val_data, tok, cfg.task, max_len, cfg.skip_bad_rows).examples
+        train, val = enc.examples, sft.encode_file(cfg.val_data, tok, cfg.task, seq_len, cfg.skip_bad_rows).examples
     else:
         train, val = sft.split(enc.examples, cfg.val_fraction, cfg.seed)
-    train_rows = sft.to_rows(train, max_len, pack=cfg.pack, seed=cfg.seed)
-    val_rows = sft.to_rows(val, max_len) if val else []
+    train_rows = sft.to_rows(train, seq_len, pack=cfg.pack, seed=cfg.seed)
+    val_rows = sft.to_rows(val, seq_len) if val else []
     summary = f"{enc.summary()}; {sft.trained_tokens(train_rows):,} trained tokens in {len(train_rows)} rows"
     return train_rows, val_rows, sft.Collate(pad), None, summary
 
@@ -206,11 +171,6 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     Writes out_dir/last (resumable), out_dir/best (best validation metric, when there is validation data),
     out_dir/final, and with save_merged out_dir/merged (from best/ when it exists).
     """
-    from gptlab.data import ExampleBatches
-    from gptlab.hf import load
-    from gptlab.lora import apply_lora, unload_lora
-    from gptlab.tokenizer import load_tokenizer
-
     cfg = config
     device = pick_device(cfg.device)
     dist = init_distributed(device)
@@ -218,15 +178,15 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     base_name = model if isinstance(model, str) else getattr(model, "source", None)
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load(model, dtype=torch.float32)
+        model = hf.load(model, dtype=torch.float32)
     elif tokenizer is None:
         raise GptlabError("pass the tokenizer along with a model object")
     tok = tokenizer
-    max_len = min(cfg.max_len or model.config.block_size, model.config.block_size)
-    train, val, collate, names, summary = _datasets(cfg, tok, max_len)
+    seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
+    train, val, collate, names, summary = _datasets(cfg, tok, seq_len)
 
     torch.manual_seed(cfg.seed)  # the classifier head's and the adapters' initialisation
-    if cfg.task == "classify":
+    if cfg.task == "classification":
         module: nn.Module = SequenceClassifier(model, len(names), _pad_id(tok))
         model.lm_head.weight.requires_grad_(model.config.tie_embeddings)  # a classifier never reads the LM head
     else:
@@ -234,10 +194,10 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     if cfg.method == "lora":
         apply_lora(model, targets=cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    rslora=cfg.rslora)
-        if cfg.task == "classify":
+        if cfg.task == "classification":
             module.score.weight.requires_grad_(True)  # the new head trains in full (PEFT's modules_to_save)
         saver = AdapterSaver(tok, base_name, names)
-    elif cfg.task == "classify":
+    elif cfg.task == "classification":
         saver = ClassifierSaver(tok, names)
     else:
         saver = None  # the Trainer's default: an HF model dir with the tokenizer (its chat template included)
@@ -250,11 +210,14 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
               f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_batches = ExampleBatches(train, cfg.batch_size, collate, seed=cfg.seed)
     val_batches = ExampleBatches(val, cfg.batch_size, collate, shuffle=False) if val else None
+    probe = train_batches.batch(0, dist.rank, dist.world)["input_ids"]  # numbered: reading it changes nothing
     trainer = Trainer(
         module, train_batches, val_batches, cfg, tokenizer=tok,
-        loss_fn=classification_loss if cfg.task == "classify" else next_token_loss,
-        metrics_fn=ClassificationMetrics(names) if cfg.task == "classify" and val else None,
+        loss_fn=classification_loss if cfg.task == "classification" else next_token_loss,
+        metrics_fn=ClassificationMetrics(names) if cfg.task == "classification" and val else None,
         saver=saver, device=device, dist=dist,
+        flops_per_token=stats.flops_per_token(model.config, probe.shape[-1], training=True),
+        find_unused_parameters=model.config.mlp == "moe",
     )
     metrics = trainer.fit()
     result = FinetuneResult(unwrap(trainer.model), tok, metrics, Path(cfg.out_dir), names, bool(metrics.get("stopped")))
@@ -268,10 +231,10 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
             AdapterSaver(tok, base_name, names).load(result.model, best)
         unload_lora(model, merge=True)
         merged = Path(cfg.out_dir) / "merged"
-        if cfg.task == "classify":
+        if cfg.task == "classification":
             ClassifierSaver(tok, names).save(result.model, merged)
         else:
-            model.save(merged, tokenizer=tok)
+            hf.save(model, merged, tokenizer=tok)
         metrics["merged"] = str(merged)
     if dist.main and not cfg.quiet:
         shown = {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("accuracy", "macro_f1")}
@@ -280,22 +243,3 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
               + "".join(f", {k} {v:.4f}" for k, v in shown.items() if isinstance(v, float) and k != "val_ppl"),
               flush=True)
     return result
-
-
-@command("finetune")
-def finetune_command(model: str, config: FinetuneConfig) -> int:
-    """Fine-tune MODEL on a JSONL file: full or LoRA; instruction SFT, classification or plain LM.
-
-    Writes out_dir/final (LoRA: an adapter dir in PEFT's layout; full: an HF model dir),
-    out_dir/best (best validation metric) and out_dir/last (resume with --resume). Examples:
-
-      gptlab finetune gpt2 --data=instructions.jsonl --method=lora --task=sft
-      gptlab finetune Qwen/Qwen2.5-0.5B-Instruct recipes/finetune-lora-sft.yaml --data=chat.jsonl
-      gptlab finetune gpt2 --data=reviews.jsonl --task=classify --method=full --best-metric=accuracy --maximize
-
-    Args:
-        model: the base model: an HF-format model dir or hub id
-        config: a FinetuneConfig recipe (YAML) and/or --field=value overrides
-    """
-    finetune(model, config)
-    return 0

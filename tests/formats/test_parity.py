@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gptlab
-from gptlab.generate import generate_ids
+from gptlab.infer.generate import generate_ids
 from tests.conftest import make_hf_model, save_hf_model
 
 # (family, overrides): odd head counts, vocab not a multiple of 64, kv heads 1 and several, partial rotary,
@@ -109,7 +109,7 @@ def test_save_then_transformers_load_round_trips(pair, tmp_path):
     import transformers
 
     hf, ours, _ = pair
-    ours.save(tmp_path / "saved")
+    gptlab.save(ours, tmp_path / "saved")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     x = _tokens(ours.config.vocab_size, (1, 16), seed=3)
     with torch.no_grad():

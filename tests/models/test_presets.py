@@ -3,7 +3,7 @@
 Published figures are compared at the precision they are published in: a figure written "0.49B" passes when
 our exact count rounds to 0.49B (so the tolerance is half a unit of its last digit), an exact integer must be
 equal. Where a published figure is known not to round from the real model, the entry carries an explicit
-relative tolerance and says why. Counts come from `gptlab.stats.count_params` (meta device, tie-aware).
+relative tolerance and says why. Counts come from `gptlab.models.stats.count_params` (meta device, tie-aware).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from decimal import Decimal
 import pytest
 import torch
 
-from gptlab.config import Config
-from gptlab.hf import config_from_hf, config_to_hf
-from gptlab.presets import FAMILIES, PRESETS
-from gptlab.stats import count_params, flops_per_token, kv_cache_bytes, mfu, weight_bytes
+from gptlab.models.config import Config
+from gptlab.formats.hfconfig import config_from_hf, config_to_hf
+from gptlab.models.presets import FAMILIES, PRESETS
+from gptlab.models.stats import count_params, flops_per_token, kv_cache_bytes, mfu, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def test_from_name_overrides_and_unknown_name():
 def test_flops_match_nanogpt_estimate_for_gpt2():
     # nanoGPT estimate_mfu: 6N + 12*L*H*Q*T with N = params minus position embeddings (tied head counted once)
     c = Config.from_name("gpt2")
-    n = count_params(c)["total"] - c.block_size * c.n_embd
+    n = count_params(c)["total"] - c.context_length * c.n_embd
     L, H, Q, T = c.n_layer, c.n_head, c.head_dim, 1024
     assert flops_per_token(c, T, training=True) == 6 * n + 12 * L * H * Q * T
     assert flops_per_token(c, T, training=True) == 3 * flops_per_token(c, T)
@@ -175,7 +175,7 @@ def test_flops_match_nanogpt_estimate_for_gpt2():
 ])
 def test_count_params_equals_a_whole_model_build(name, overrides):
     """count_params builds one block per layer kind; the whole model on the meta device agrees."""
-    from gptlab.model import GPT
+    from gptlab.models.model import GPT
 
     config = Config.from_name(name, **overrides)
     with torch.device("meta"):
@@ -212,13 +212,13 @@ def test_memory_and_mfu():
     # K and V, 28 layers, 8 kv heads x 128, 2 bytes each, per token
     assert kv_cache_bytes(c, seq_len=1000, batch_size=3) == 2 * 28 * 8 * 128 * 2 * 1000 * 3
     per_token = flops_per_token(c, 2048, training=True)
-    assert mfu(1000.0, c, 2048, peak_flops=per_token * 4000) == pytest.approx(0.25)
+    assert mfu(1000.0, per_token, peak_flops=per_token * 4000) == pytest.approx(0.25)
 
 
 # ---- docs/models.md ----
 
 # fields that vary within a family, left out of the docs' table (as it says)
-_PER_MODEL = {"name", "hf_repo", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
+_PER_MODEL = {"name", "hf_repo", "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
               "intermediate_size", "moe_intermediate_size", "n_expert", "n_expert_per_token", "norm_eps",
               "layer_windows", "bos_token_id", "eos_token_id", "pad_token_id"}
 
@@ -228,7 +228,7 @@ def test_docs_family_table_matches_the_presets():
     import ast
     from pathlib import Path
 
-    doc = (Path(__file__).parent.parent / "docs" / "models.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "models.md").read_text()
     rows = {}
     for line in doc.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

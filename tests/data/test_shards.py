@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from gptlab import cli
-from gptlab.data import ExampleBatches, TokenWindows, prepare, read_corpus, read_manifest, token_dtype
+from gptlab.data.corpus import read_corpus
+from gptlab.data.examples import ExampleBatches
+from gptlab.data.shards import TokenWindows, prepare, read_manifest, token_dtype
 from gptlab.errors import GptlabError
 
 
@@ -95,10 +97,10 @@ def test_prepare_errors_name_the_file(tmp_path, tiny_tokenizer, content, why):
 def test_jsonl_errors_name_file_and_line(tmp_path, tiny_tokenizer):
     f = tmp_path / "rows.jsonl"
     f.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    with pytest.raises(GptlabError, match=rf"{f}:2 has no 'text' field"):
+    with pytest.raises(GptlabError, match=rf"{f}:2: has no 'text' field"):
         list(read_corpus(f))
     f.write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(GptlabError, match=rf"{f}:2 is not valid JSON"):
+    with pytest.raises(GptlabError, match=rf"{f}:2: not valid JSON"):
         list(read_corpus(f))
 
 
@@ -158,7 +160,7 @@ def test_example_batches_cover_each_epoch_once():
 def test_tokenizer_trained_here_round_trips_its_corpus_and_chinese(tmp_path, capsys):
     out = tmp_path / "tok"
     assert cli.main(["tokenizer", "train", "python-docs", "--vocab-size", "512", "--out", str(out), "--quiet"]) == 0
-    from gptlab.corpus import documents
+    from gptlab.data.pydocs import documents
     from gptlab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(out)
@@ -173,7 +175,7 @@ def test_tokenizer_trained_here_round_trips_its_corpus_and_chinese(tmp_path, cap
 
 
 def test_python_docs_corpus_is_deterministic_and_has_no_side_effects(capsys):
-    from gptlab import corpus
+    from gptlab.data import pydocs as corpus
 
     import itertools
 

@@ -9,7 +9,7 @@ import pytest
 import gptlab
 from gptlab.errors import GptlabError
 from gptlab.eval import evaluate
-from gptlab.eval.classification import class_metrics
+from gptlab.eval.metrics import classification_report, confusion_matrix
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
@@ -19,8 +19,8 @@ def test_class_metrics_by_hand():
     # true:      a a b b c      confusion (rows true, cols pred): a [1 1 0]
     # predicted: a b b b a                                         b [0 2 0]
     #                                                              c [1 0 0]
-    m = class_metrics(["a", "b", "c"], [0, 0, 1, 1, 2], [0, 1, 1, 1, 0])
-    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    m = classification_report(confusion_matrix([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3), ["a", "b", "c"])
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]] and m["accuracy"] == pytest.approx(3 / 5)
     a, b, c = (m["per_class"][k] for k in "abc")
     assert (a["precision"], a["recall"], a["f1"], a["support"]) == (0.5, 0.5, 0.5, 2)
     assert (b["precision"], b["recall"]) == (pytest.approx(2 / 3), 1.0) and b["f1"] == pytest.approx(0.8)

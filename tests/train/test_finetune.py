@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import gptlab
-from gptlab import sft
+from gptlab.data import examples as sft
 from gptlab.errors import GptlabError
-from gptlab.finetune import FinetuneConfig, finetune
+from gptlab.train.finetune import FinetuneConfig, finetune
 from gptlab.tokenizer import load_tokenizer
 
 RULES = {"red": 7, "blue": 3, "green": 12, "amber": 5, "violet": 9, "gold": 21, "silver": 14, "black": 0}
@@ -24,13 +24,7 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: one thread beats two, and is not slowed by other processes on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -81,13 +75,13 @@ def test_malformed_rows_name_their_line_or_are_counted_when_skipped(tmp_path, ti
     tok = load_tokenizer(tiny_gpt2_dir)
     f = write_jsonl(tmp_path / "d.jsonl", [rules_rows()[0], "", "{not json", {"question": "?"}, rules_rows()[1],
                                            {"messages": [{"role": "user", "content": "no answer"}]}])
-    with pytest.raises(GptlabError, match=r"d\.jsonl:3: not a JSON object"):
+    with pytest.raises(GptlabError, match=r"d\.jsonl:3: not valid JSON"):
         sft.encode_file(f, tok, "sft", 64)
     enc = sft.encode_file(f, tok, "sft", 64, skip_bad=True)
     assert len(enc.examples) == 2 and enc.skipped.count == 3
     assert any("d.jsonl:4" in r for r in enc.skipped.reasons) and any("d.jsonl:6" in r for r in enc.skipped.reasons)
     bad = write_jsonl(tmp_path / "c.jsonl", [{"text": "fine", "label": "a"}, {"text": "x", "label": [1]}])
-    from gptlab.classify import load_class_rows
+    from gptlab.data.examples import load_class_rows
 
     with pytest.raises(GptlabError, match=r"c\.jsonl:2: field 'label'"):
         load_class_rows(bad, tok, 64)
@@ -111,11 +105,11 @@ def test_labels_cover_exactly_the_answers_and_their_end_of_turn(tiny_gpt2_dir, t
     assert tok.decode(ids) == tok.apply_chat_template(msgs, add_generation_prompt=False)
     x, y = sft.shift(ids, trained)
     assert len(x) == len(y) == len(ids) - 1
-    assert all(label == sft.IGNORE for label, t in zip(y, trained[1:]) if not t)
+    assert all(label == sft.IGNORE_INDEX for label, t in zip(y, trained[1:]) if not t)
 
 
 def test_prompt_tokens_contribute_nothing_to_loss_or_gradients(tiny_gpt2_dir):
-    from gptlab.train import next_token_loss
+    from gptlab.train.losses import next_token_loss
 
     tok = load_tokenizer(tiny_gpt2_dir)
     sft.ensure_chat_template(tok)
@@ -132,7 +126,7 @@ def test_prompt_tokens_contribute_nothing_to_loss_or_gradients(tiny_gpt2_dir):
     loss, count = next_token_loss(model, batch)
     loss.backward()
     handle.remove()
-    masked = batch["labels"] == sft.IGNORE
+    masked = batch["labels"] == sft.IGNORE_INDEX
     grad = captured["h"].grad.abs().sum(-1)  # (B, T): gradient reaching each position's output
     assert masked.any() and (~masked).any()
     assert torch.all(grad[masked] == 0)  # prompt (and padding) positions: no gradient at all
@@ -149,10 +143,10 @@ def test_packing_keeps_every_label_and_the_row_length(tiny_gpt2_dir):
     tok = load_tokenizer(tiny_gpt2_dir)
     sft.ensure_chat_template(tok)
     examples = [sft.encode_chat(tok, sft.to_messages(r, "x")) for r in rules_rows()]
-    packed = sft.to_rows(examples, max_len=200, pack=True, seed=0)
-    plain = sft.to_rows(examples, max_len=200)
+    packed = sft.to_rows(examples, seq_len=200, pack=True, seed=0)
+    plain = sft.to_rows(examples, seq_len=200)
     assert len(packed) < len(plain) and all(len(x) <= 200 for x, _ in packed)
-    count = lambda rows: sorted(t for _, y in rows for t in y if t != sft.IGNORE)  # noqa: E731
+    count = lambda rows: sorted(t for _, y in rows for t in y if t != sft.IGNORE_INDEX)  # noqa: E731
     # the first token of each packed example follows the previous example's EOS; it is a prompt token
     assert count(packed) == count(plain)
 
@@ -162,14 +156,14 @@ def test_packing_keeps_every_label_and_the_row_length(tiny_gpt2_dir):
 
 
 def test_sft_learns_the_rules_and_answers_them_exactly(tmp_path, tiny_gpt2_dir):
-    from gptlab.generate import generate
+    from gptlab.infer.generate import generate
 
     data = write_jsonl(tmp_path / "rules.jsonl", rules_rows())
     cfg = quick(tmp_path, "sft", data=str(data), method="full", task="sft", max_steps=60, lr=5e-3, min_lr=1e-3)
     result = finetune(str(tiny_gpt2_dir), cfg)
     reloaded = gptlab.load(tmp_path / "sft/final")
     tok = load_tokenizer(tmp_path / "sft/final")  # the plain chat template was saved with the model
-    assert tok.chat_template == sft.PLAIN_TEMPLATE
+    assert tok.chat_template == sft.INSTRUCTION_TEMPLATE
     for row in rules_rows():
         prompt = tok.apply_chat_template([{"role": "user", "content": row["instruction"]}])
         assert generate(result.model.eval(), tok, prompt, max_new_tokens=20, temperature=0) == row["output"]
@@ -177,7 +171,7 @@ def test_sft_learns_the_rules_and_answers_them_exactly(tmp_path, tiny_gpt2_dir):
 
 
 def test_classification_beats_chance_and_its_metrics_match_a_direct_count(tmp_path, tiny_gpt2_dir):
-    from gptlab.classify import load_class_rows
+    from gptlab.data.examples import load_class_rows
 
     train = write_jsonl(tmp_path / "train.jsonl", class_rows(150, seed=0))
     val = write_jsonl(tmp_path / "val.jsonl", class_rows(60, seed=1))
@@ -259,7 +253,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_gp
 
 
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_gpt2_dir):
-    from gptlab.classify import load_classifier
+    from gptlab.formats.hf import load_classifier
 
     # validation labels are noise: as the model fits the training labels, validation loss rises
     train = write_jsonl(tmp_path / "train.jsonl", class_rows(64, seed=0))
@@ -284,14 +278,14 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_gpt2_dir):
 
 
 def _class_tensors(path, result):
-    from gptlab.classify import load_class_rows
+    from gptlab.data.examples import load_class_rows
 
     rows = load_class_rows(path, result.tokenizer, 512, names=result.labels)
     return [torch.tensor(ids) for ids, _ in rows.examples], [torch.tensor(y) for _, y in rows.examples]
 
 
 def test_merged_lora_model_equals_base_plus_adapter(tmp_path, tiny_gpt2_dir):
-    from gptlab.lora import load_adapter
+    from gptlab.formats.peft import load_adapter
 
     data = write_jsonl(tmp_path / "rules.jsonl", rules_rows())
     cfg = quick(tmp_path, "merge", data=str(data), method="lora", task="sft", max_steps=3, lr=1e-2,
@@ -324,13 +318,13 @@ def test_cli_finetune_runs_lm_with_lora(tmp_path, tiny_gpt2_dir):
 
 
 def test_recipes_are_valid_finetune_configs():
-    from gptlab.cli import load_recipe
+    from gptlab.recipe import load_recipe
 
-    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("finetune-*.yaml"))
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("finetune-*.yaml"))
     assert recipes
     for path in recipes:
         cfg = load_recipe(FinetuneConfig, path, {})
-        assert cfg.method in ("full", "lora") and cfg.task in ("sft", "classify", "lm")
+        assert cfg.method in ("full", "lora") and cfg.task in ("sft", "classification", "lm")
 
 
 def test_long_lm_documents_become_windows_with_every_token_a_target_once(tmp_path, tiny_gpt2_dir):
@@ -338,7 +332,7 @@ def test_long_lm_documents_become_windows_with_every_token_a_target_once(tmp_pat
 
     tok = load_tokenizer(tiny_gpt2_dir)
     text = pydoc_text(3000)
-    enc = sft.encode_file(write_jsonl(tmp_path / "lm.jsonl", [{"text": text}]), tok, "lm", max_len=100)
-    rows = sft.to_rows(enc.examples, max_len=100)
+    enc = sft.encode_file(write_jsonl(tmp_path / "lm.jsonl", [{"text": text}]), tok, "lm", seq_len=100)
+    rows = sft.to_rows(enc.examples, seq_len=100)
     assert enc.split == 1 and len(rows) > 1 and all(len(x) <= 100 for x, _ in rows)
     assert [t for _, y in rows for t in y] == (tok.encode(text) + [tok.eos_id])[1:]

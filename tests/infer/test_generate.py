@@ -7,16 +7,8 @@ import pytest
 
 import gptlab
 from gptlab.errors import GptlabError
-from gptlab.generate import (
-    Sampling,
-    _TextRow,
-    apply_repetition_penalty,
-    banned_ngram_tokens,
-    generate,
-    generate_ids,
-    top_k_filter,
-    top_p_filter,
-)
+from gptlab.infer.generate import TextRow, generate, generate_ids
+from gptlab.infer.sampling import Sampling, apply_repetition_penalty, banned_ngram_tokens, top_k_filter, top_p_filter
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +80,7 @@ def test_stop_string_ends_generation_and_is_excluded(model_and_tok):
 def test_text_row_holds_back_partial_utf8_and_partial_stop(tiny_tokenizer):
     text = "中文字符 and STOP here"
     ids = tiny_tokenizer.encode(text)
-    row = _TextRow(tiny_tokenizer, stop=["STOP"])
+    row = TextRow(tiny_tokenizer, stop=["STOP"])
     pieces = [row.add(t) for t in ids]
     assert all("\ufffd" not in p for p in pieces)  # never half a character
     assert "".join(pieces) + row.rest() == "中文字符 and "
@@ -140,13 +132,13 @@ def test_gpt2_vocab_and_merges_files_load(tmp_path, tiny_tokenizer):
 
 
 def _greedy(model, prompt, n, cache=None):
-    from gptlab.generate import generate_tokens
+    from gptlab.infer.generate import generate_tokens
 
     return [t[0] for t in generate_tokens(model, [prompt], Sampling(max_new_tokens=n, eos_id=[]), cache)]
 
 
 def test_prompt_cache_prefills_only_new_tokens_and_matches_a_fresh_run(model_and_tok):
-    from gptlab.generate import PromptCache
+    from gptlab.infer.generate import PromptCache
 
     model, _ = model_and_tok
     cache = PromptCache()
@@ -169,7 +161,7 @@ def test_prompt_cache_prefills_only_new_tokens_and_matches_a_fresh_run(model_and
 
 
 def test_prompt_cache_takes_one_prompt(model_and_tok):
-    from gptlab.generate import PromptCache, generate_tokens
+    from gptlab.infer.generate import PromptCache, generate_tokens
 
     model, _ = model_and_tok
     with pytest.raises(GptlabError, match="one prompt"):

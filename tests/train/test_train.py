@@ -18,21 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from gptlab import cli
-from gptlab.config import Config
-from gptlab.data import TokenWindows, prepare, read_manifest
-from gptlab.model import GPT
-from gptlab.train import LoopConfig, Trainer, linear_cross_entropy, lr_at, make_optimizer, next_token_loss
+from gptlab.models.config import Config
+from gptlab.data.shards import TokenWindows, prepare, read_manifest
+from gptlab.models.model import GPT
+from gptlab.train.loop import LoopConfig, Trainer, lr_at, make_optimizer
+from gptlab.train.losses import linear_cross_entropy, next_token_loss
 
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread buys nothing, and on a busy 2-core machine it costs 4x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +40,7 @@ def pydocs(tmp_path_factory, tiny_tokenizer) -> Path:
 
 def tiny_model(vocab: int, seed: int = 0, dropout: float = 0.1) -> GPT:
     torch.manual_seed(seed)
-    return GPT(Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab, dropout=dropout))
+    return GPT(Config(n_layer=2, n_head=2, n_embd=32, context_length=32, vocab_size=vocab, dropout=dropout))
 
 
 def make_trainer(data: Path, out: Path, batch_size: int = 4, dist=None, saver=None, callbacks=(), dropout=0.1,
@@ -163,7 +158,7 @@ def _killed_run(data: str, out: str, mode: str) -> None:
         if mode == "after-5" and event == "step" and record["step"] == 5:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    from gptlab.train import HFSaver
+    from gptlab.train.savers import HFSaver
 
     t = make_trainer(Path(data), Path(out), saver=DyingSaver(HFSaver()), callbacks=[die_after_5], resume=True)
     t.fit()
@@ -226,7 +221,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from gptlab.train import init_distributed
+    from gptlab.train.runtime import init_distributed
 
     dist = init_distributed(torch.device("cpu"))
     try:
@@ -274,7 +269,7 @@ def test_training_beats_the_unigram_entropy_on_python_docs(pydocs, tmp_path):
     p = np.bincount(train_ids, minlength=vocab) / len(train_ids)
     unigram = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # nats per token
     torch.manual_seed(0)
-    model = GPT(Config(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=vocab))
+    model = GPT(Config(n_layer=2, n_head=2, n_embd=64, context_length=64, vocab_size=vocab))
     cfg = LoopConfig(out_dir=str(tmp_path / "run"), max_steps=300, batch_size=16, lr=3e-3, min_lr=3e-4,
                      warmup_steps=20, eval_every=0, eval_batches=8, log_every=50, precision="fp32", quiet=True,
                      keep_best=False)
@@ -297,7 +292,7 @@ def test_train_command_writes_loadable_models_and_resumes(pydocs, tmp_path, caps
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"data: {pydocs}\nout_dir: {out}\nmax_steps: 6\nbatch_size: 4\nwarmup_steps: 2\n"
                       f"eval_every: 3\neval_batches: 2\nsample_tokens: 8\nprecision: fp32\n"
-                      f"model:\n  n_layer: 1\n  n_head: 2\n  n_embd: 32\n  block_size: 32\n")
+                      f"model:\n  n_layer: 1\n  n_head: 2\n  n_embd: 32\n  context_length: 32\n")
     assert cli.main(["train", str(recipe), "--stop-at-step", "3"]) == 0
     assert not (out / "final").exists() and (out / "last" / "trainer" / "state.json").is_file()
     assert cli.main(["train", str(recipe), "--resume", "--model.n_embd=64"]) == 1  # a different model: refused
@@ -321,10 +316,10 @@ def test_train_command_writes_loadable_models_and_resumes(pydocs, tmp_path, caps
 
 
 def test_recipes_are_valid_train_configs():
-    from gptlab.cli import load_recipe
-    from gptlab.train import TrainConfig
+    from gptlab.recipe import load_recipe
+    from gptlab.train.pretrain import TrainConfig
 
-    recipes = sorted((HERE.parent / "recipes").glob("pretrain-*.yaml"))
+    recipes = sorted((HERE.parents[1] / "recipes").glob("pretrain-*.yaml"))
     assert recipes
     for path in recipes:
         load_recipe(TrainConfig, path, {})

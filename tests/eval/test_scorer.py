@@ -26,7 +26,7 @@ def scorer(tiny_gpt2_dir):
 
 
 def reference(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-    L = model.config.block_size
+    L = model.config.context_length
     full = (ctx + cont)[-(L + 1):]
     with torch.no_grad():
         logp = F.log_softmax(model(torch.tensor([full[:-1]]))[0].float(), dim=-1)[-len(cont):]

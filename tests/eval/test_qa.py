@@ -65,7 +65,7 @@ def test_strip_think(raw, answer):
 def test_qa_pipeline_scores_the_models_own_answers(tiny_gpt2_dir, tmp_path):
     """References equal to the model's greedy answers score 1, others 0; numeric accuracy counts only
     questions whose reference holds a number; batching does not change what is generated."""
-    from gptlab.generate import generate
+    from gptlab.infer.generate import generate
 
     model, tok = gptlab.load(tiny_gpt2_dir), gptlab.load_tokenizer(tiny_gpt2_dir)
     candidates = ["What does the with statement do?", "Name a built-in type.", "What is a module?",
@@ -99,7 +99,7 @@ def test_chat_prompts_and_fewshot_turns(tiny_gpt2_dir, tmp_path, monkeypatch):
         evaluate(model, "qa", data, tokenizer=tok, chat=True, max_new_tokens=2, progress=False)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
     seen = []
-    monkeypatch.setattr(sys.modules["gptlab.generate"], "generate",
+    monkeypatch.setattr(sys.modules["gptlab.infer.generate"], "generate",
                         lambda m, t, prompts, **kw: (seen.extend(prompts), [""] * len(prompts))[1])
     evaluate(model, "qa", data, tokenizer=tok, chat=True, num_fewshot=1, seed=0, max_new_tokens=2, progress=False)
     assert len(seen) == 3

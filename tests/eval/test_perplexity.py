@@ -79,9 +79,9 @@ def test_one_window_is_the_plain_cross_entropy(scorer, corpus_text):
     assert r.metrics["bits_per_byte"] == pytest.approx(math.log2(r.metrics["byte_perplexity"]), rel=1e-9)
 
 
-def cache_model(vocab_size: int, block_size: int = 64, k: int = 32) -> GPT:
+def cache_model(vocab_size: int, context_length: int = 64, k: int = 32) -> GPT:
     """A unigram cache: p(next = j) ∝ exp(2 <E_j, mean of E over the context>), built from one GPT block."""
-    cfg = Config(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=2 * k, norm="rmsnorm",
+    cfg = Config(vocab_size=vocab_size, context_length=context_length, n_layer=1, n_head=1, n_embd=2 * k, norm="rmsnorm",
                  tie_embeddings=False, qkv_bias=False, attn_out_bias=False, mlp_bias=False)
     model = GPT(cfg)
     E = torch.randn(vocab_size, k, generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gptlab.errors import GptlabError
-from gptlab.eval.data import STANDARD, fewshot_examples, load_docs, read_jsonl
+from gptlab.eval.data import BENCHMARKS, fewshot_examples, load_docs, read_jsonl
 
 lm_eval = pytest.importorskip("lm_eval")
 TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -45,7 +45,7 @@ def _harness_fields(yaml_path: Path, row: dict) -> tuple[str, list[str], int]:
     ("mmlu", "mmlu/default/_default_template_yaml", MMLU_ROW),
 ])
 def test_standard_conversions_render_the_harness_prompts(name, yaml_file, row):
-    doc = STANDARD[name].convert(row)
+    doc = BENCHMARKS[name].convert(row)
     assert (doc["context"], doc["choices"], doc["label"]) == _harness_fields(TASKS / yaml_file, row)
 
 
@@ -54,7 +54,7 @@ def test_hellaswag_conversion_is_the_harness_preprocessing():
     from lm_eval.tasks.hellaswag.utils import process_docs
 
     theirs = process_docs(datasets.Dataset.from_list([HELLASWAG_ROW]))[0]
-    ours = STANDARD["hellaswag"].convert(HELLASWAG_ROW)
+    ours = BENCHMARKS["hellaswag"].convert(HELLASWAG_ROW)
     assert ours == {"context": theirs["query"], "choices": theirs["choices"], "label": int(theirs["gold"])}
 
 

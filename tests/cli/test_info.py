@@ -10,8 +10,8 @@ import pytest
 
 import gptlab
 from gptlab.cli import main
-from gptlab.presets import FAMILIES, PRESETS
-from gptlab.stats import count_params
+from gptlab.models.presets import FAMILIES, PRESETS
+from gptlab.models.stats import count_params
 from tests.conftest import make_hf_model, save_hf_model
 
 
@@ -80,7 +80,7 @@ def test_info_needs_only_config_json(capsys, tmp_path):
     rc, out, _ = run(capsys, "info", str(tmp_path))
     assert rc == 0
     f = _fields(out)
-    c = gptlab.hf.read_config(tmp_path)
+    c = gptlab.formats.hf.read_config(tmp_path)
     assert f["parameters"].startswith(f"{count_params(c)['total']:,} ")
     assert f["weights"].endswith("in bfloat16") and f["files"] == "none" and f["tokenizer"] == "none"
 
@@ -123,8 +123,8 @@ def chat_dir(tmp_path_factory, corpus_text):
 @pytest.fixture
 def recorded(monkeypatch):
     """Record each prompt chat sends to generate, and the reply it got back."""
-    import gptlab.chat
-    from gptlab.generate import generate
+    import gptlab.infer.chat
+    from gptlab.infer.generate import generate
 
     calls: list[dict] = []
 
@@ -135,7 +135,7 @@ def recorded(monkeypatch):
             call["reply"] += piece
             yield piece
 
-    monkeypatch.setattr(gptlab.chat, "generate", recording_generate)
+    monkeypatch.setattr(gptlab.infer.chat, "generate", recording_generate)
     return calls
 
 
@@ -193,10 +193,10 @@ def test_chat_without_template_needs_plain(capsys, monkeypatch, tiny_gpt2_dir, r
 
 
 def test_chat_drops_oldest_exchanges_to_fit_the_context(chat_dir):
-    from gptlab.chat import Chat
+    from gptlab.infer.chat import Chat
 
     model, tok = gptlab.load(chat_dir), gptlab.load_tokenizer(chat_dir)
-    model.config.block_size = 250  # holds about two of the six exchanges below
+    model.config.context_length = 250  # holds about two of the six exchanges below
     chat = Chat(model, tok, system="S", max_new_tokens=20)
     for i in range(6):
         chat.messages += [{"role": "user", "content": f"question {i} " * 5},
@@ -212,7 +212,7 @@ def test_chat_drops_oldest_exchanges_to_fit_the_context(chat_dir):
 
 
 def test_chat_reuses_the_kv_cache_of_its_history(chat_dir):
-    from gptlab.chat import Chat
+    from gptlab.infer.chat import Chat
 
     model, tok = gptlab.load(chat_dir), gptlab.load_tokenizer(chat_dir)
     chat = Chat(model, tok, max_new_tokens=8, temperature=0)

@@ -1,0 +1,40 @@
+"""`gptlab train` (pretraining, gptlab.train.pretrain) and `gptlab finetune` (gptlab.train.finetune)."""
+
+from __future__ import annotations
+
+from gptlab.cli import command
+from gptlab.train.finetune import FinetuneConfig, finetune
+from gptlab.train.pretrain import TrainConfig, run_pretraining
+
+
+@command("train")
+def train_command(config: TrainConfig) -> int:
+    """Pretrain a model: with no arguments, a small GPT-2 on the python-docs corpus in about 5 minutes on CPU.
+
+    Saves out_dir/final, best and last (HF model dirs; --resume reads last); under `torchrun
+    --nproc_per_node=N` it trains data-parallel. All options: docs/training.md.
+
+    Args:
+        config: a TrainConfig recipe (YAML) and/or --field=value overrides, e.g. --model.n_layer=6
+    """
+    run_pretraining(config)
+    return 0
+
+
+@command("finetune")
+def finetune_command(model: str, config: FinetuneConfig) -> int:
+    """Fine-tune MODEL on a JSONL file: full or LoRA; instruction SFT, classification or plain LM.
+
+    Writes out_dir/final (LoRA: a PEFT adapter; full: an HF model dir), best and last (--resume reads it).
+    All options: docs/finetune.md. Examples:
+
+      gptlab finetune gpt2 --data=instructions.jsonl --method=lora --task=sft
+      gptlab finetune Qwen/Qwen2.5-0.5B-Instruct recipes/finetune-lora-sft.yaml --data=chat.jsonl
+      gptlab finetune gpt2 --data=reviews.jsonl --task=classification --method=full --best-metric=accuracy --maximize
+
+    Args:
+        model: the base model: an HF model dir or hub id
+        config: a FinetuneConfig recipe (YAML) and/or --field=value overrides
+    """
+    finetune(model, config)
+    return 0

@@ -1,0 +1,1 @@
+"""Data: text corpora and JSONL rows in, token shards and numbered training batches out."""

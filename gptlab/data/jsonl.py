@@ -1,0 +1,58 @@
+"""The one JSONL reader: one JSON object per non-blank line, errors that name the file and line.
+
+Every reader of rows (corpora, fine-tuning examples, evaluation data) goes through `read_jsonl`, so a
+malformed line is reported the same way everywhere, and can be counted and skipped where the caller asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import GptlabError
+
+
+@dataclass
+class Skipped:
+    """Rows left out because the caller asked to skip malformed ones: how many, and the first reasons."""
+
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < 5:
+            self.reasons.append(reason)
+
+    def __str__(self) -> str:
+        return f"skipped {self.count} malformed row(s): " + "; ".join(self.reasons) + ("; ..." if self.count > 5 else "")
+
+
+def read_jsonl(path: str | os.PathLike, skip: Skipped | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line. A line that is not a JSON object raises a GptlabError
+    naming `path:line`, or is counted in `skip` when one is given; text that is not UTF-8 always raises."""
+    p = Path(path)
+    if not p.is_file():
+        raise GptlabError(f"data file {p} does not exist")
+    try:
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+                except json.JSONDecodeError as e:
+                    problem = f"not valid JSON ({e.msg} at column {e.colno})"
+                if problem is None:
+                    yield n, row
+                elif skip is None:
+                    raise GptlabError(f"{p}:{n}: {problem}")
+                else:
+                    skip.add(f"{p}:{n}: {problem}")
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{p} is not UTF-8 text (invalid byte at offset {e.start} of a read block)") from None

@@ -1,0 +1,45 @@
+"""GPT-2 (Radford et al. 2019): pre-norm LayerNorm blocks, learned positions, GELU MLP, tied head.
+
+transformers' GPT2LMHeadModel stores q, k and v fused in `c_attn` and every weight as a Conv1D (in, out).
+"""
+
+from gptlab.formats.family import ACTIVATIONS, Family, Key, Refuse, WeightRow, weight_and_bias
+
+
+def gpt2_weights(embedding: str, positions: str, final_norm: bool) -> tuple[WeightRow, ...]:
+    """GPT-2's names; GPT-1 has the same blocks under other embedding names and no final norm."""
+    h = "transformer.h.{i}"
+    rows = [WeightRow("wte.weight", (f"transformer.{embedding}.weight",)),
+            WeightRow("wpe.weight", (f"transformer.{positions}.weight",))]
+    rows += weight_and_bias("blocks.{i}.norm_1", f"{h}.ln_1") + weight_and_bias("blocks.{i}.norm_2", f"{h}.ln_2")
+    rows += weight_and_bias("blocks.{i}.attn.qkv", f"{h}.attn.c_attn", transpose=True)
+    rows += weight_and_bias("blocks.{i}.attn.proj", f"{h}.attn.c_proj", transpose=True)
+    rows += weight_and_bias("blocks.{i}.mlp.fc", f"{h}.mlp.c_fc", transpose=True)
+    rows += weight_and_bias("blocks.{i}.mlp.proj", f"{h}.mlp.c_proj", transpose=True)
+    if final_norm:
+        rows += weight_and_bias("norm_f", "transformer.ln_f")
+    return tuple(rows + [WeightRow("lm_head.weight", ("lm_head.weight",))])
+
+
+FAMILIES = [
+    Family(
+        model_type="gpt2",
+        causal_lm="GPT2LMHeadModel",
+        sequence_classifier="GPT2ForSequenceClassification",
+        weights=gpt2_weights("wte", "wpe", final_norm=True),
+        config=(
+            Refuse("scale_attn_by_inverse_layer_idx", lambda v: not v, "per-layer attention scaling"),
+            Refuse("add_cross_attention", lambda v: not v, "cross-attention (gptlab models are decoder-only)"),
+            Key("vocab_size", "vocab_size"),
+            Key("context_length", "n_positions", 1024),
+            Key("n_layer", "n_layer"),
+            Key("n_head", "n_head"),
+            Key("n_embd", "n_embd"),
+            Key("intermediate_size", "n_inner", None),
+            Key("norm_eps", "layer_norm_epsilon", 1e-5),
+            Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
+            Key("scale_attn", "scale_attn_weights", True),
+            Key("tie_embeddings", "tie_word_embeddings", True),
+        ),
+    ),
+]

@@ -1,0 +1,42 @@
+"""GPT-NeoX / Pythia (EleutherAI): partial rotary positions, parallel (or sequential) residual, exact GELU,
+q/k/v fused per head."""
+
+from gptlab.formats.family import ACTIVATIONS, Family, Fixed, Key, Rope, WeightRow, weight_and_bias
+
+
+def _weights() -> tuple[WeightRow, ...]:
+    h = "gpt_neox.layers.{i}"
+    rows = [WeightRow("wte.weight", ("gpt_neox.embed_in.weight",))]
+    rows += weight_and_bias("blocks.{i}.norm_1", f"{h}.input_layernorm")
+    rows += weight_and_bias("blocks.{i}.norm_2", f"{h}.post_attention_layernorm")
+    rows += weight_and_bias("blocks.{i}.attn.qkv", f"{h}.attention.query_key_value", qkv_per_head=True)
+    rows += weight_and_bias("blocks.{i}.attn.proj", f"{h}.attention.dense")
+    rows += weight_and_bias("blocks.{i}.mlp.fc", f"{h}.mlp.dense_h_to_4h")
+    rows += weight_and_bias("blocks.{i}.mlp.proj", f"{h}.mlp.dense_4h_to_h")
+    rows += weight_and_bias("norm_f", "gpt_neox.final_layer_norm")
+    return tuple(rows + [WeightRow("lm_head.weight", ("embed_out.weight",))])
+
+
+FAMILIES = [
+    Family(
+        model_type="gpt_neox",
+        causal_lm="GPTNeoXForCausalLM",
+        sequence_classifier="GPTNeoXForSequenceClassification",
+        weights=_weights(),
+        config=(
+            Key("vocab_size", "vocab_size"),
+            Key("context_length", "max_position_embeddings", 2048),
+            Key("n_layer", "num_hidden_layers"),
+            Key("n_head", "num_attention_heads"),
+            Key("n_embd", "hidden_size"),
+            Key("intermediate_size", "intermediate_size"),
+            Key("norm_eps", "layer_norm_eps", 1e-5),
+            Key("activation", "hidden_act", "gelu", values=ACTIVATIONS),
+            Fixed("positions", "rotary"),
+            Rope(theta_key="rotary_emb_base", fraction_key="rotary_pct"),
+            Key("parallel_residual", "use_parallel_residual", True),
+            Key(("qkv_bias", "attn_out_bias"), "attention_bias", True),
+            Key("tie_embeddings", "tie_word_embeddings", False),
+        ),
+    ),
+]

@@ -1,0 +1,206 @@
+"""What a model-family module (gptlab/formats/families/*.py) declares: one `Family` per HF `model_type`.
+
+A Family is data, read by the loader, the saver, the LoRA adapter export and the tests alike:
+
+- `weights`: `WeightRow`s, each naming one of our parameters and the HF tensors joined into it;
+- `config`: codecs, each translating some Config fields to config.json keys and back. Reading and writing
+  come from the same entry, so the two directions cannot disagree;
+- `causal_lm` / `sequence_classifier`: the transformers classes written to config.json "architectures".
+
+Codecs run in order; `read(hf, ours)` adds our fields to the dict `ours` (and may look at fields read
+before it), `write(config, out)` adds config.json keys to `out`. Family-specific codecs (GPT-Neo's local
+layers, Qwen's sliding windows) live in their family's module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gptlab.errors import GptlabError
+from gptlab.models.config import Config
+
+REQUIRED = object()  # a Key without a default: config.json must have it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weight rows
+
+
+@dataclass(frozen=True)
+class WeightRow:
+    """One of our parameters and the HF tensors it is made of."""
+
+    ours: str  # our parameter name; "{i}" is the layer
+    hf: tuple[str, ...]  # HF names joined in this order along dim 0 (dim 1 for stacked experts); "{e}" = expert
+    transpose: bool = False  # GPT-1/GPT-2 Conv1D stores weights as (in, out)
+    qkv_per_head: bool = False  # GPT-NeoX fuses q, k, v per head: rows (nh, 3, hs) instead of (3, nh, hs)
+    per_expert: bool = False  # HF stores one tensor per expert; ours stacks them into (E, ...)
+
+
+def weight_and_bias(ours: str, hf: str | tuple[str, ...], **kw: Any) -> list[WeightRow]:
+    """The `.weight` and `.bias` rows of one module (a bias our config leaves out is skipped at load)."""
+    hf = (hf,) if isinstance(hf, str) else hf
+    return [WeightRow(f"{ours}.{p}", tuple(f"{h}.{p}" for h in hf), **kw) for p in ("weight", "bias")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config.json codecs
+
+
+class HFConfig:
+    """An HF config.json dict being read: lookups with defaults, and errors that name the family."""
+
+    def __init__(self, d: dict[str, Any], model_type: str) -> None:
+        self.d, self.model_type = d, model_type
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.d.get(key, default)
+        return default if v is None else v
+
+    def need(self, key: str) -> Any:
+        if self.d.get(key) is None:
+            raise GptlabError(f"config.json ({self.model_type}) lacks the required field {key!r}")
+        return self.d[key]
+
+
+class Codec(Protocol):
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None: ...
+
+    def write(self, config: Config, out: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Key:
+    """Config field(s) `ours` <-> the config.json key `hf`.
+
+    default: used when the key is absent or null (REQUIRED: an error; a callable: computed from the
+      HFConfig and the fields read so far). older: other spellings read when `hf` is absent.
+    values: HF value -> ours (e.g. activation names); writing uses the first HF value listed for ours.
+    A tuple of fields takes one value (GPT-NeoX's attention_bias sets both biases); it is written from the
+    first, and the saver's round-trip check refuses a config whose fields differ.
+    """
+
+    ours: str | tuple[str, ...]
+    hf: str
+    default: Any = REQUIRED
+    older: tuple[str, ...] = ()
+    values: dict[Any, Any] | None = None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (self.ours,) if isinstance(self.ours, str) else self.ours
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        key = next((k for k in (self.hf, *self.older) if hf.d.get(k) is not None), None)
+        if key is None:
+            if self.default is REQUIRED:
+                hf.need(self.hf)
+            value = self.default(hf, ours) if callable(self.default) else self.default
+        else:
+            value = hf.d[key]
+            if self.values is not None:
+                if value not in self.values:
+                    raise GptlabError(f"config.json field {key}={value!r} is not supported "
+                                      f"(supported: {sorted(self.values)})")
+                value = self.values[value]
+        for name in self.fields:
+            ours[name] = value
+
+    def write(self, config: Config, out: dict[str, Any]) -> None:
+        value = getattr(config, self.fields[0])
+        if self.values is not None:
+            back = next((h for h, o in self.values.items() if o == value), REQUIRED)
+            if back is REQUIRED:
+                raise GptlabError(f"this config cannot be saved as an HF {out['model_type']} checkpoint: "
+                                  f"{self.fields[0]}={value!r} has no {self.hf} value in that family")
+            value = back
+        out[self.hf] = value
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A Config field every checkpoint of the family has the same value of (nothing in config.json)."""
+
+    ours: str
+    value: Any
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        ours[self.ours] = self.value
+
+    def write(self, config: Config, out: dict[str, Any]) -> None:
+        pass  # the saver's round-trip check refuses a config whose field differs
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A config.json key whose values other than the plain one gptlab does not implement."""
+
+    hf: str
+    ok: Callable[[Any], bool]
+    why: str
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        if self.hf in hf.d and not self.ok(hf.d[self.hf]):
+            raise GptlabError(f"config.json field {self.hf}={hf.d[self.hf]!r} is not supported: {self.why}")
+
+    def write(self, config: Config, out: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Rope:
+    """rope_theta (and the rotary fraction) from transformers 5's `rope_parameters` or the older flat keys;
+    any rope scaling other than "default" is refused.
+
+    fraction_key: the older key of the rotary fraction (GPT-NeoX's rotary_pct); None when the family's
+      rotary fraction is not read here (Qwen rotates whole heads; GPT-J counts rotary_dim).
+    parameters: also write `rope_parameters`, as transformers 5 does for this family.
+    """
+
+    theta_key: str = "rope_theta"
+    fraction_key: str | None = None
+    parameters: bool = True
+    whole_heads: bool = False  # refuse a partial_rotary_factor other than 1 (the family has none)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        params = hf.d.get("rope_parameters") or {}
+        scaling = hf.d.get("rope_scaling") or {}
+        kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if kind != "default":
+            raise GptlabError(f"config.json rope scaling rope_type={kind!r} is not supported (only 'default')")
+        ours["rope_theta"] = float(params.get("rope_theta", hf.get(self.theta_key, 10000.0)))
+        fraction = params.get("partial_rotary_factor")
+        if self.fraction_key is not None:
+            ours["rotary_fraction"] = fraction if fraction is not None else hf.get(self.fraction_key, 1.0)
+        elif self.whole_heads and fraction not in (None, 1.0):
+            raise GptlabError(f"config.json partial_rotary_factor={fraction} is not supported for {hf.model_type}")
+
+    def write(self, config: Config, out: dict[str, Any]) -> None:
+        out[self.theta_key] = config.rope_theta
+        if self.fraction_key is not None:
+            out[self.fraction_key] = config.rotary_fraction
+        if self.parameters:
+            params = {"rope_type": "default", "rope_theta": config.rope_theta}
+            if self.fraction_key is not None:
+                params["partial_rotary_factor"] = config.rotary_fraction
+            out["rope_parameters"] = params
+
+
+# HF activation names -> ours; the first name listed for each of ours is the one written
+ACTIVATIONS = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "gelu_pytorch_tanh": "gelu_new",
+               "gelu_fast": "gelu_new", "swish": "silu"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the family
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # HF config.json "model_type"
+    causal_lm: str  # transformers class of a language model ("architectures" in config.json)
+    sequence_classifier: str  # transformers class of a sequence classifier (a score head on the last token)
+    weights: tuple[WeightRow, ...]
+    config: tuple[Codec, ...]

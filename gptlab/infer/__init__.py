@@ -1,0 +1,1 @@
+"""Inference: choosing tokens (sampling.py), the prefill + decode loop (generate.py), conversations (chat.py)."""
