@@ -78,15 +78,15 @@ def _declared_in(cls: type, name: str) -> type:
 
 
 def options(cls: type, prefix: str = "", group: str | None = None) -> list[Option]:
-    """Every settable field of `cls`, in declaration order, SET_ELSEWHERE fields left out. Fields are grouped
-    by the class that declares them; a nested section's fields by the section's GROUP."""
+    """Every field of `cls`, in declaration order; fields are grouped by the class that declares them, a
+    nested section's fields by the section's GROUP. SET_ELSEWHERE fields are not listed (and `build`
+    refuses them, saying why)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     listed = getattr(cls, "LISTED", None)
     out = []
+    elsewhere = getattr(cls, "SET_ELSEWHERE", {})
     for f in dataclasses.fields(cls):
-        if f.name in getattr(cls, "SET_ELSEWHERE", {}):
-            continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             out += options(tp, f"{prefix}{f.name}.", getattr(tp, "GROUP", f.name))
@@ -96,7 +96,8 @@ def options(cls: type, prefix: str = "", group: str | None = None) -> list[Optio
         owner = _declared_in(cls, f.name)
         out.append(Option(prefix + f.name, tp, default, docs.get(f.name, ""),
                           group or getattr(owner, "GROUP", owner.__name__),
-                          listed is None or f.name in listed, getattr(cls, "ALIASES", {}).get(f.name, {})))
+                          (listed is None or f.name in listed) and f.name not in elsewhere,
+                          getattr(cls, "ALIASES", {}).get(f.name, {})))
     return out
 
 

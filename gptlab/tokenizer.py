@@ -111,16 +111,14 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
     """Load from an HF-format dir (tokenizer.json or vocab.json + merges.txt) or a hub id."""
     from tokenizers import Tokenizer as Backend
 
+    from gptlab.formats.files import read_json
     from gptlab.formats.hf import resolve
 
     path = resolve(path_or_id)
     cfg: dict[str, Any] = {}
     cfg_file = path / "tokenizer_config.json"
     if cfg_file.is_file():
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GptlabError(f"{cfg_file} is not valid JSON: {e}") from None
+        cfg = read_json(cfg_file)
     template = None
     if (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")

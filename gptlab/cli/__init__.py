@@ -22,12 +22,17 @@ COMMAND_MODULES = ["generate", "info", "data", "train", "eval", "chat"]
 COMMANDS: dict[str, Callable[..., Any]] = {}
 
 
-def command(name: str, aliases: dict[str, dict[str, str]] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `fn` as `gptlab NAME` (a name with a space, like "tokenizer train", nests). aliases:
-    {parameter: {other value: value}}, other names a choice is accepted under (not listed in --help)."""
+def command(name: str, aliases: dict[str, dict[str, str]] | None = None,
+            groups: dict[str, tuple[str, ...]] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `fn` as `gptlab NAME` (a name with a space, like "tokenizer train", nests).
+
+    aliases: {parameter: {other value: value}}, other names a choice is accepted under (not listed in --help).
+    groups: {heading: parameters} for --help; parameters in none are listed under "options".
+    """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn.value_aliases = aliases or {}
+        fn.option_groups = groups or {}
         COMMANDS[name] = fn
         return fn
 

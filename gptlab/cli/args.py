@@ -109,7 +109,7 @@ def add_argument(parser, name: str, tp: Any, default: Any, help: str, positional
         kw["type"] = _with_aliases(type(choices[0]), aliases or {})
         if len(",".join(map(str, choices))) > 16:  # a long list of choices goes into the help, not the invocation
             kw["metavar"] = "S"
-            if kw["help"] not in (None, argparse.SUPPRESS):
+            if kw["help"] not in (None, argparse.SUPPRESS) and str(choices[0]) not in kw["help"]:
                 head, bracket, rest = kw["help"].partition(" [")
                 kw["help"] = f"{head}: {'|'.join(map(str, choices))}{bracket}{rest}"
     elif origin in (list, tuple):
@@ -139,14 +139,17 @@ def add_command(sub: argparse._SubParsersAction, name: str, fn: Callable[..., An
     hints = typing.get_type_hints(fn)
     params = inspect.signature(fn).parameters
     usage = None
-    if any(recipe.is_recipe(hints.get(p)) for p in params):  # a recipe's options are too many to list here
+    takes_recipe = any(recipe.is_recipe(hints.get(p)) for p in params)
+    if takes_recipe or len(params) > 8:  # too many options to list in the usage line
         words = [p.upper() for p, v in params.items() if v.default is inspect.Parameter.empty
                  and not recipe.is_recipe(hints.get(p))]
-        usage = " ".join([prog, name, *words, "[RECIPE.yaml]", "[--option VALUE ...]"])
+        usage = " ".join([prog, name, *words, *(["[RECIPE.yaml]"] if takes_recipe else []), "[--option VALUE ...]"])
     parser = sub.add_parser(name, help=desc.splitlines()[0] if desc else None, description=desc,
                             formatter_class=Formatter, usage=usage,
                             epilog="[x] after a help line is the option's default.")
     parser.set_defaults(_fn=fn)
+    heading = {p: g for g, names in getattr(fn, "option_groups", {}).items() for p in names}
+    sections = {g: parser.add_argument_group(g) for g in dict.fromkeys(heading.values())}
     for pname, param in params.items():
         tp = hints.get(pname, str)
         if recipe.is_recipe(tp):
@@ -161,7 +164,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, fn: Callable[..., An
             parser.set_defaults(_recipe=(pname, tp))
             continue
         positional = param.default is inspect.Parameter.empty
-        add_argument(parser, pname, tp, param.default, helps.get(pname, ""), positional,
+        where = sections[heading[pname]] if pname in heading else parser
+        add_argument(where, pname, tp, param.default, helps.get(pname, ""), positional,
                      aliases=getattr(fn, "value_aliases", {}).get(pname))
 
 

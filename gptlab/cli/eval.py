@@ -19,7 +19,15 @@ def _unescape(s: str) -> str:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
-@command("eval", aliases={"task": TASK_ALIASES})
+_GROUPS = {
+    "perplexity": ("window", "stride", "detokenize"),
+    "prompts (multiple_choice, classification, qa)": ("num_fewshot", "fewshot_data", "seed", "labels", "template"),
+    "qa generation": ("max_new_tokens", "stop", "strip_think", "chat"),
+    "model": ("dtype", "device"),
+}
+
+
+@command("eval", aliases={"task": TASK_ALIASES}, groups=_GROUPS)
 def eval_command(
     model: str,
     task: Task | None = None,
@@ -27,6 +35,7 @@ def eval_command(
     limit: int | None = None,
     batch_size: int = 16,
     out: Path | None = None,
+    progress: bool = True,
     window: int | None = None,
     stride: int | None = None,
     detokenize: Literal["none", "wikitext"] | None = None,
@@ -41,40 +50,38 @@ def eval_command(
     chat: bool = False,
     dtype: str | None = None,
     device: str | None = None,
-    progress: bool = True,
 ) -> int:
     """Evaluate a model: perplexity, LAMBADA, multiple choice, QA or classification.
 
-    Prints a table of metrics (with standard errors, examples/s and tokens/s) and writes them as JSON
-    with --out. Numbers match lm-evaluation-harness's `hf` model on the same data (docs/eval.md).
+    Prints metrics with standard errors and speed; --out writes them as JSON. Numbers match
+    lm-evaluation-harness's `hf` model on the same data (docs/eval.md). Examples:
 
-    Examples:
       gptlab eval out/model --task perplexity --data corpus.txt --stride 512
       gptlab eval out/model --task multiple_choice --data hellaswag.jsonl --limit 500 --out results.json
-      gptlab eval out/model --task hellaswag          (fetched with `datasets`; needs network)
 
     Args:
-        model: model directory (HF format) or hub id
-        task: what to measure; a benchmark name (hellaswag, wikitext-2, ...) implies its task and data
-        data: JSONL file (text file for perplexity), or a standard benchmark name
-        limit: evaluate only the first N examples
-        batch_size: continuations (or generated answers) per forward pass; does not change any number
-        out: write the results (and per-example records) as JSON here
-        window: perplexity: tokens a window reads (default: the model's context)
-        stride: perplexity: tokens between window ends; smaller = more context per token, more compute
-        detokenize: perplexity: undo WikiText tokenisation before scoring (default: on for wikitext-2)
-        num_fewshot: examples prepended to each prompt (multiple_choice, classification, qa)
-        fewshot_data: draw few-shot examples from this file instead of the evaluated data
-        seed: seed of the few-shot draw
-        labels: classification: the label set, in confusion-matrix order (default: sorted labels of the data)
-        template: classification / qa: prompt as a Python format string over the row's fields
-        max_new_tokens: qa: answer length limit
-        stop: qa: stop strings (default: a newline; none with --chat); "\\n" is a newline
-        strip_think: qa: drop <think>...</think> reasoning before scoring
-        chat: qa: wrap each question in the tokenizer's chat template
-        dtype: float32, bfloat16 or float16 (default: the checkpoint's)
-        device: cpu, cuda, ... (default: cpu)
+        model: model dir (HF format) or hub id
+        task: perplexity, lambada, multiple_choice, qa, classification, or a benchmark (implies its data):
+            wikitext-2, hellaswag, arc_easy, arc_challenge, piqa, mmlu
+        data: JSONL (text for perplexity), or a benchmark
+        limit: only the first N examples
+        batch_size: rows per forward pass (changes no number)
+        out: write results and per-example records (JSON)
         progress: show progress bars
+        window: tokens a window reads (default: context)
+        stride: tokens between window ends (default: window)
+        detokenize: undo WikiText tokenisation (wikitext-2: on)
+        num_fewshot: examples prepended to each prompt
+        fewshot_data: draw them from this file (default: data)
+        seed: seed of the few-shot draw
+        labels: label set in confusion order (default: sorted)
+        template: prompt as a format string over row fields
+        max_new_tokens: answer length limit
+        stop: stop strings (default: newline; --chat: none)
+        strip_think: drop <think>...</think> before scoring
+        chat: wrap questions in the chat template
+        dtype: float32, bfloat16, float16 (default: checkpoint's)
+        device: cpu, cuda, ... (default: cpu)
     """
     if task is None:
         raise GptlabError("--task is required (perplexity, lambada, multiple_choice, qa, classification, "

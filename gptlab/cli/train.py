@@ -11,8 +11,8 @@ from gptlab.train.pretrain import TrainConfig, run_pretraining
 def train_command(config: TrainConfig) -> int:
     """Pretrain a model: with no arguments, a small GPT-2 on the python-docs corpus in about 5 minutes on CPU.
 
-    Saves out_dir/final, best and last (HF model dirs; --resume reads last); under `torchrun
-    --nproc_per_node=N` it trains data-parallel. All options: docs/training.md.
+    Saves out_dir/final, best and last (HF model dirs; --resume reads last); torchrun runs it
+    data-parallel. All options: docs/training.md.
 
     Args:
         config: a TrainConfig recipe (YAML) and/or --field=value overrides, e.g. --model.n_layer=6

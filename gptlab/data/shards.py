@@ -30,7 +30,7 @@ import torch
 from gptlab.data import pydocs
 from gptlab.data.corpus import corpus_fingerprint, corpus_texts, read_corpus
 from gptlab.errors import GptlabError
-from gptlab.formats.atomic import replace_dir
+from gptlab.formats.files import read_json, replace_dir
 
 FORMAT = "gptlab-tokens-1"
 BATCH_CHARS = 1 << 20  # characters handed to the tokenizer per encode_batch call (it parallelises inside)
@@ -175,10 +175,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise GptlabError(f"{data_dir} is not a prepared data dir (no manifest.json); run `gptlab prepare` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GptlabError(f"{path} is not valid JSON: {e}") from None
+    manifest = read_json(path)
     if manifest.get("format") != FORMAT:
         raise GptlabError(f"{path} has format {manifest.get('format')!r}; expected {FORMAT!r}")
     return manifest

@@ -13,7 +13,7 @@ labels, so they share one prefill). Reported:
 
 from __future__ import annotations
 
-from gptlab.eval.data import Doc, fewshot_contexts, render, require, where
+from gptlab.eval.data import Doc, fewshot_contexts, parse_rows, render, require
 from gptlab.eval.metrics import classification_report, confusion_matrix
 from gptlab.eval.results import EvalResult, mean_stderr
 from gptlab.eval.scorer import Scorer
@@ -27,10 +27,10 @@ def evaluate_classification(scorer: Scorer, docs: list[Doc], labels: list[str] |
                             fewshot_docs: list[Doc] | None = None, seed: int = 1234,
                             source: str = "data") -> EvalResult:
     template = template or DEFAULT_TEMPLATE
-    rows = []
-    for i, d in enumerate(docs):
-        at = where(source, d, i)
-        rows.append((render(template, d, at), require(d, "label", str, at), at))
+    def parse(d: Doc, at: str) -> tuple[str, str, str]:
+        return render(template, d, at), require(d, "label", str, at), at
+
+    rows = parse_rows(docs, source, parse)
     if not rows:
         raise GptlabError(f"{source}: no rows to classify")
     labels = list(labels) if labels else sorted({label for _, label, _ in rows})
@@ -39,13 +39,8 @@ def evaluate_classification(scorer: Scorer, docs: list[Doc], labels: list[str] |
     for _, label, at in rows:
         if label not in labels:
             raise GptlabError(f"{at}: label {label!r} is not one of {labels}")
-    shots = None
-    if fewshot_docs is not None:
-        shots = []
-        for i, d in enumerate(fewshot_docs):
-            at = where("fewshot data", d, i)
-            shots.append((render(template, d, at), require(d, "label", str, at)))
-    prefixes = fewshot_contexts([(p, lab) for p, lab, _ in rows], shots, num_fewshot, seed, lambda r: r)
+    shots = None if fewshot_docs is None else parse_rows(fewshot_docs, "fewshot data", parse)
+    prefixes = fewshot_contexts(rows, shots, num_fewshot, seed, lambda r: r[:2])
     pairs = [(prefix + prompt, " " + label) for prefix, (prompt, _, _) in zip(prefixes, rows) for label in labels]
     seconds, tokens = scorer.seconds, scorer.tokens
     scores = iter(scorer.loglikelihood(pairs, desc="classification"))

@@ -48,6 +48,11 @@ def where(source: str, doc: Doc, index: int) -> str:
     return f"{source}:{doc['_line']}" if "_line" in doc else f"{source}[{index}]"
 
 
+def parse_rows(docs: Sequence[Doc], source: str, parse: Callable[[Doc, str], Any]) -> list[Any]:
+    """`parse(doc, at)` for each row, `at` naming the row for errors ("file:line", else "source[i]")."""
+    return [parse(d, where(source, d, i)) for i, d in enumerate(docs)]
+
+
 def render(template: str, doc: Doc, at: str) -> str:
     """`template.format(**doc)`; a field the row lacks is an error naming the row (`at`)."""
     try:

@@ -26,7 +26,7 @@ import time
 import unicodedata
 from collections import Counter
 
-from gptlab.eval.data import Doc, require, where
+from gptlab.eval.data import Doc, parse_rows, require
 from gptlab.eval.numbers import extract_numbers, numbers_match
 from gptlab.eval.results import EvalResult, mean_stderr
 from gptlab.errors import GptlabError
@@ -108,18 +108,13 @@ def evaluate_qa(model, tokenizer, docs: list[Doc], batch_size: int = 16, templat
     from gptlab.infer.generate import generate
 
     template = template or DEFAULT_TEMPLATE
-    rows = []
-    for i, d in enumerate(docs):
-        at = where(source, d, i)
-        rows.append((d, require(d, "question", str, at), _references(d, at), at))
+    def parse(d: Doc, at: str) -> tuple[Doc, str, list[str], str]:
+        return d, require(d, "question", str, at), _references(d, at), at
+
+    rows = parse_rows(docs, source, parse)
     if not rows:
         raise GptlabError(f"{source}: no questions to evaluate")
-    pool = None
-    if fewshot_docs is not None:
-        pool = []
-        for i, d in enumerate(fewshot_docs):
-            at = where("fewshot data", d, i)
-            pool.append((d, require(d, "question", str, at), _references(d, at), at))
+    pool = None if fewshot_docs is None else parse_rows(fewshot_docs, "fewshot data", parse)
     if chat:
         shots = _chat_shots(rows, pool, num_fewshot, seed)
         prompts = [tokenizer.apply_chat_template(turns + [{"role": "user", "content": q}])

@@ -188,6 +188,16 @@ class Rope:
             out["rope_parameters"] = params
 
 
+def keys(**spec: str | tuple[str, Any]) -> tuple[Key, ...]:
+    """Keys from `field="hf_key"` (required) or `field=("hf_key", default)` pairs, in order."""
+    return tuple(Key(f, v) if isinstance(v, str) else Key(f, v[0], v[1]) for f, v in spec.items())
+
+
+def fixed(**values: Any) -> tuple[Fixed, ...]:
+    """Fixed codecs from `field=value` pairs."""
+    return tuple(Fixed(f, v) for f, v in values.items())
+
+
 # HF activation names -> ours; the first name listed for each of ours is the one written
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "gelu_pytorch_tanh": "gelu_new",
                "gelu_fast": "gelu_new", "swish": "silu"}

@@ -18,7 +18,7 @@ import torch
 from gptlab.dtypes import parse_dtype
 from gptlab.errors import GptlabError, reason
 from gptlab.formats import families
-from gptlab.formats.atomic import staged_dir
+from gptlab.formats.files import read_json, staged_dir
 from gptlab.formats.hfconfig import config_from_hf, config_to_hf
 from gptlab.formats.weights import hf_to_ours, our_names, ours_to_hf
 from gptlab.models.classifier import SequenceClassifier
@@ -68,11 +68,7 @@ def read_config(path: Path) -> Config:
     f = path / "config.json"
     if not f.is_file():
         raise GptlabError(f"{path} has no config.json; is it a Hugging Face-format model directory?")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptlabError(f"{f} is not valid JSON: {e}") from None
-    return config_from_hf(d)
+    return config_from_hf(read_json(f))
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -81,10 +77,10 @@ def _weight_files(path: Path) -> list[Path]:
         return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise GptlabError(f"{index} is malformed: {e}") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise GptlabError(f"{index} is malformed: no weight_map of tensor name -> file")
+        names = sorted(set(weight_map.values()))
         files = [path / n for n in names]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -124,7 +120,7 @@ def load_with_extras(
 
     path = resolve(path_or_id)
     config = read_config(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     dtype = parse_dtype(dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32")
     device = torch.device(device or "cpu")
     files = _weight_files(path)
@@ -240,7 +236,7 @@ def load_classifier(path: str | os.PathLike, dtype=None, device=None) -> tuple[S
     path = Path(path)
     model, found = load_with_extras(path, dtype, device, extras=("score.weight",), head_optional=True)
     score = found["score.weight"]
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json")
     id2label = cfg.get("id2label") or {str(i): str(i) for i in range(score.shape[0])}
     names = [id2label[str(i)] for i in range(score.shape[0])]
     clf = SequenceClassifier(model, score.shape[0], cfg.get("pad_token_id"))

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.formats.atomic import staged_dir
+from gptlab.formats.files import read_json, staged_dir
 from gptlab.formats.weights import LinearSlice, linear_slices
 from gptlab.models.lora import LoRALinear, is_lora_parameter, lora_layer_at, lora_layers
 
@@ -107,10 +107,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     f = Path(path) / ADAPTER_CONFIG
     if not f.is_file():
         raise GptlabError(f"{path} has no {ADAPTER_CONFIG}; is it a PEFT adapter directory?")
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptlabError(f"{f} is not valid JSON: {e}") from None
+    cfg = read_json(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise GptlabError(f"{f}: peft_type={cfg.get('peft_type')!r}; gptlab loads LoRA adapters only")
     unsupported = [k for k in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",

@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.formats.atomic import replace_dir
+from gptlab.formats.files import replace_dir
 from gptlab.models import stats
 from gptlab.train.losses import next_token_loss
 from gptlab.train.runtime import Dist, autocast_dtype, init_distributed, measure_peak_flops, pick_device, sync, unwrap

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -143,3 +144,69 @@ def test_console_script_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --help: one spelling per option, in groups, fitting a screen
+
+
+def _help(capsys, monkeypatch, *command: str) -> str:
+    monkeypatch.setenv("COLUMNS", "80")  # what a pipe (`gptlab train --help | less`) gets
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,limit", [(("train",), 66), (("finetune",), 70), (("eval",), 66)])
+def test_help_fits_a_screen_with_one_spelling_per_option(capsys, monkeypatch, command, limit):
+    out = _help(capsys, monkeypatch, *command)
+    assert len(out.splitlines()) <= limit, out
+    flags = re.findall(r"(?<![\w-])--[\w.-]+", out)
+    assert not [f for f in flags if "_" in f], "underscore spellings are accepted, not listed"
+    assert len([f for f in flags if f == "--seq-len" or f == "--max-new-tokens"]) <= 1
+
+
+def test_train_help_groups_options_and_leaves_out_what_the_run_sets(capsys, monkeypatch):
+    out = _help(capsys, monkeypatch, "train")
+    assert "training loop:" in out and "data and run:" in out and "model (every Config field" in out
+    for hidden in ("--model.vocab-size", "--model.name", "--model.hf-repo", "--model.eos-token-id"):
+        assert hidden not in out
+    assert "--model.n-layer" in out and "--model.qk-norm" not in out  # listed few, accepted all (docs list them)
+
+
+def test_underscore_spellings_and_earlier_names_are_still_read(tmp_path):
+    from gptlab import recipe
+    from gptlab.cli.args import normalise_argv
+    from gptlab.train.finetune import FinetuneConfig
+
+    renamed = {k.replace("_", "-"): v.replace("_", "-") for k, v in recipe.renamed(FinetuneConfig).items()}
+    argv = normalise_argv(["finetune", "m", "--max_len=12", "--lora_r", "4", "--", "--x_y"], renamed)
+    assert argv == ["finetune", "m", "--seq-len=12", "--lora-r", "4", "--", "--x_y"]
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text("task: classify\nmax_len: 32\n")
+    cfg = recipe.load_recipe(FinetuneConfig, yaml, {})
+    assert (cfg.task, cfg.seq_len) == ("classification", 32)
+    assert FinetuneConfig(task="classify").task == "classification"
+    from gptlab.train.pretrain import TrainConfig
+
+    assert recipe.load_recipe(TrainConfig, None, {"model.block_size": 64}).model.context_length == 64
+
+
+def test_fields_the_run_sets_are_refused_with_the_reason(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--model.vocab_size=77", "--out-dir", str(tmp_path))
+    assert_one_line_error(code, err, "vocab_size", "comes from the data")
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text("model:\n  eos_token_id: 3\n")
+    code, _, err = run(capsys, "train", str(yaml), "--out-dir", str(tmp_path))
+    assert_one_line_error(code, err, "eos_token_id", "tokenizer")
+
+
+def test_classify_is_accepted_for_classification_everywhere(capsys, tiny_gpt2_dir, tmp_path):
+    rows = tmp_path / "c.jsonl"
+    rows.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in
+                            [("good film", "pos"), ("bad film", "neg")] * 4))
+    code, out, err = run(capsys, "eval", str(tiny_gpt2_dir), "--task", "classify", "--data", str(rows),
+                         "--no-progress")
+    assert code == 0, err
+    assert "classification" in out

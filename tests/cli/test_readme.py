@@ -27,3 +27,23 @@ def test_readme_first_command_is_the_main_job():
 
 def test_readme_has_no_unfilled_placeholders():
     assert not re.findall(r"\b[A-Z_]{8,}\b", (ROOT / "README.md").read_text().replace("README", ""))
+
+
+def _documented(doc: str) -> set[str]:
+    return set(re.findall(r"`(\w+)`", (ROOT / "docs" / doc).read_text()))
+
+
+def test_docs_list_every_option_and_every_model_field():
+    import dataclasses
+
+    from gptlab.models.config import Config
+    from gptlab.train import LoopConfig
+    from gptlab.train.finetune import FinetuneConfig
+    from gptlab.train.pretrain import TrainConfig
+
+    loop = {f.name for f in dataclasses.fields(LoopConfig)}
+    for fields, doc in (({f.name for f in dataclasses.fields(TrainConfig)}, "training.md"),  # the loop's too
+                        ({f.name for f in dataclasses.fields(FinetuneConfig)} - loop, "finetune.md"),
+                        ({f.name for f in dataclasses.fields(Config)}, "models.md")):
+        missing = fields - _documented(doc)
+        assert not missing, f"docs/{doc} does not list {sorted(missing)}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -99,7 +98,9 @@ def test_chat_prompts_and_fewshot_turns(tiny_gpt2_dir, tmp_path, monkeypatch):
         evaluate(model, "qa", data, tokenizer=tok, chat=True, max_new_tokens=2, progress=False)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
     seen = []
-    monkeypatch.setattr(sys.modules["gptlab.infer.generate"], "generate",
+    from gptlab.infer import generate as generate_module  # `gptlab.generate` is the function it defines
+
+    monkeypatch.setattr(generate_module, "generate",
                         lambda m, t, prompts, **kw: (seen.extend(prompts), [""] * len(prompts))[1])
     evaluate(model, "qa", data, tokenizer=tok, chat=True, num_fewshot=1, seed=0, max_new_tokens=2, progress=False)
     assert len(seen) == 3

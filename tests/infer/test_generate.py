@@ -93,6 +93,27 @@ def test_eos_stops_a_row(model_and_tok):
     assert out == first[:2]
 
 
+def test_every_entry_point_stops_at_the_same_id(tiny_gpt2_dir):
+    """generate() (text, with a tokenizer) and generate_ids() (ids, without one) follow one rule, stop_ids:
+    the model's own eos_token_id comes before the tokenizer's, even when the two differ."""
+    import copy
+
+    model, tok = gptlab.load(tiny_gpt2_dir), gptlab.load_tokenizer(tiny_gpt2_dir)
+    prompt = "The with statement"
+    ids = tok.encode(prompt)
+    free = generate_ids(model, [ids], max_new_tokens=12, eos_id=[])[0]
+    stop = next(t for t in free[3:] if t != tok.eos_id)  # a token greedy decoding reaches, not the tokenizer's EOS
+    model = copy.deepcopy(model)
+    model.config.eos_token_id = stop
+    assert tok.eos_id is not None and tok.eos_id != stop
+    by_ids = generate_ids(model, [ids], max_new_tokens=12)[0]
+    assert by_ids == free[:free.index(stop)]
+    assert generate(model, tok, prompt, max_new_tokens=12) == tok.decode(by_ids)
+    assert generate_ids(model, [ids], tokenizer=tok, max_new_tokens=12)[0] == by_ids
+    streamed = "".join(generate(model, tok, prompt, max_new_tokens=12, stream=True))
+    assert streamed == tok.decode(by_ids)
+
+
 def test_prompt_longer_than_context_is_a_clear_error_or_truncated(model_and_tok):
     model, _ = model_and_tok
     long = list(range(1, 200))  # context is 128
@@ -107,28 +128,6 @@ def test_bad_sampling_values_are_refused():
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=1.5), dict(top_k=0)):
         with pytest.raises(GptlabError):
             Sampling(**bad)
-
-
-def test_chinese_text_round_trips_through_the_tokenizer(tiny_tokenizer):
-    text = "深度学习模型：GPT-2 有 1.24 亿参数。\n换行 and English 混合 🙂"
-    assert tiny_tokenizer.decode(tiny_tokenizer.encode(text)) == text
-
-
-def test_gpt2_vocab_and_merges_files_load(tmp_path, tiny_tokenizer):
-    """GPT-2's original tokenizer files (vocab.json + merges.txt) load and encode like tokenizer.json."""
-    import json
-
-    from gptlab.tokenizer import load_tokenizer
-
-    model = json.loads(tiny_tokenizer.backend.to_str())["model"]
-    (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]))
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = load_tokenizer(tmp_path)
-    text = "The with statement is used to wrap a block. 中文"
-    assert tok.encode(text) == tiny_tokenizer.encode(text)
-    assert tok.decode(tok.encode(text)) == text
-    assert tok.eos_id == tiny_tokenizer.eos_id
 
 
 def _greedy(model, prompt, n, cache=None):

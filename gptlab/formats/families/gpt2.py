@@ -3,7 +3,7 @@
 transformers' GPT2LMHeadModel stores q, k and v fused in `c_attn` and every weight as a Conv1D (in, out).
 """
 
-from gptlab.formats.family import ACTIVATIONS, Family, Key, Refuse, WeightRow, weight_and_bias
+from gptlab.formats.family import ACTIVATIONS, Family, Key, Refuse, WeightRow, keys, weight_and_bias
 
 
 def gpt2_weights(embedding: str, positions: str, final_norm: bool) -> tuple[WeightRow, ...]:
@@ -21,25 +21,14 @@ def gpt2_weights(embedding: str, positions: str, final_norm: bool) -> tuple[Weig
     return tuple(rows + [WeightRow("lm_head.weight", ("lm_head.weight",))])
 
 
-FAMILIES = [
-    Family(
-        model_type="gpt2",
-        causal_lm="GPT2LMHeadModel",
-        sequence_classifier="GPT2ForSequenceClassification",
-        weights=gpt2_weights("wte", "wpe", final_norm=True),
-        config=(
-            Refuse("scale_attn_by_inverse_layer_idx", lambda v: not v, "per-layer attention scaling"),
-            Refuse("add_cross_attention", lambda v: not v, "cross-attention (gptlab models are decoder-only)"),
-            Key("vocab_size", "vocab_size"),
-            Key("context_length", "n_positions", 1024),
-            Key("n_layer", "n_layer"),
-            Key("n_head", "n_head"),
-            Key("n_embd", "n_embd"),
-            Key("intermediate_size", "n_inner", None),
-            Key("norm_eps", "layer_norm_epsilon", 1e-5),
-            Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
-            Key("scale_attn", "scale_attn_weights", True),
-            Key("tie_embeddings", "tie_word_embeddings", True),
-        ),
-    ),
-]
+CONFIG = (
+    Refuse("scale_attn_by_inverse_layer_idx", lambda v: not v, "per-layer attention scaling"),
+    Refuse("add_cross_attention", lambda v: not v, "cross-attention (gptlab models are decoder-only)"),
+    *keys(vocab_size="vocab_size", context_length=("n_positions", 1024), n_layer="n_layer", n_head="n_head",
+          n_embd="n_embd", intermediate_size=("n_inner", None), norm_eps=("layer_norm_epsilon", 1e-5)),
+    Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
+    *keys(scale_attn=("scale_attn_weights", True), tie_embeddings=("tie_word_embeddings", True)),
+)
+
+FAMILIES = [Family("gpt2", causal_lm="GPT2LMHeadModel", sequence_classifier="GPT2ForSequenceClassification",
+                   weights=gpt2_weights("wte", "wpe", final_norm=True), config=CONFIG)]

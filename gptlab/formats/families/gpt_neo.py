@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gptlab.errors import GptlabError
-from gptlab.formats.family import ACTIVATIONS, Family, Fixed, HFConfig, Key, WeightRow, weight_and_bias
+from gptlab.formats.family import ACTIVATIONS, Family, HFConfig, Key, WeightRow, fixed, keys, weight_and_bias
 from gptlab.models.config import Config
 
 
@@ -41,25 +41,14 @@ def _weights() -> tuple[WeightRow, ...]:
     return tuple(rows + weight_and_bias("norm_f", "transformer.ln_f") + [WeightRow("lm_head.weight", ("lm_head.weight",))])
 
 
-FAMILIES = [
-    Family(
-        model_type="gpt_neo",
-        causal_lm="GPTNeoForCausalLM",
-        sequence_classifier="GPTNeoForSequenceClassification",
-        weights=_weights(),
-        config=(
-            Key("vocab_size", "vocab_size"),
-            Key("context_length", "max_position_embeddings", 2048),
-            Key("n_layer", "num_layers"),
-            Key("n_head", "num_heads"),
-            Key("n_embd", "hidden_size"),
-            Key("intermediate_size", "intermediate_size", None),
-            Key("norm_eps", "layer_norm_epsilon", 1e-5),
-            Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
-            Fixed("qkv_bias", False),
-            Fixed("scale_attn", False),
-            LocalLayers(),
-            Key("tie_embeddings", "tie_word_embeddings", True),
-        ),
-    ),
-]
+CONFIG = (
+    *keys(vocab_size="vocab_size", context_length=("max_position_embeddings", 2048), n_layer="num_layers",
+          n_head="num_heads", n_embd="hidden_size", intermediate_size=("intermediate_size", None),
+          norm_eps=("layer_norm_epsilon", 1e-5), tie_embeddings=("tie_word_embeddings", True)),
+    Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
+    *fixed(qkv_bias=False, scale_attn=False),
+    LocalLayers(),
+)
+
+FAMILIES = [Family("gpt_neo", causal_lm="GPTNeoForCausalLM", sequence_classifier="GPTNeoForSequenceClassification",
+                   weights=_weights(), config=CONFIG)]

@@ -1,7 +1,7 @@
 """GPT-NeoX / Pythia (EleutherAI): partial rotary positions, parallel (or sequential) residual, exact GELU,
 q/k/v fused per head."""
 
-from gptlab.formats.family import ACTIVATIONS, Family, Fixed, Key, Rope, WeightRow, weight_and_bias
+from gptlab.formats.family import ACTIVATIONS, Family, Key, Rope, WeightRow, fixed, keys, weight_and_bias
 
 
 def _weights() -> tuple[WeightRow, ...]:
@@ -17,26 +17,16 @@ def _weights() -> tuple[WeightRow, ...]:
     return tuple(rows + [WeightRow("lm_head.weight", ("embed_out.weight",))])
 
 
-FAMILIES = [
-    Family(
-        model_type="gpt_neox",
-        causal_lm="GPTNeoXForCausalLM",
-        sequence_classifier="GPTNeoXForSequenceClassification",
-        weights=_weights(),
-        config=(
-            Key("vocab_size", "vocab_size"),
-            Key("context_length", "max_position_embeddings", 2048),
-            Key("n_layer", "num_hidden_layers"),
-            Key("n_head", "num_attention_heads"),
-            Key("n_embd", "hidden_size"),
-            Key("intermediate_size", "intermediate_size"),
-            Key("norm_eps", "layer_norm_eps", 1e-5),
-            Key("activation", "hidden_act", "gelu", values=ACTIVATIONS),
-            Fixed("positions", "rotary"),
-            Rope(theta_key="rotary_emb_base", fraction_key="rotary_pct"),
-            Key("parallel_residual", "use_parallel_residual", True),
-            Key(("qkv_bias", "attn_out_bias"), "attention_bias", True),
-            Key("tie_embeddings", "tie_word_embeddings", False),
-        ),
-    ),
-]
+CONFIG = (
+    *keys(vocab_size="vocab_size", context_length=("max_position_embeddings", 2048), n_layer="num_hidden_layers",
+          n_head="num_attention_heads", n_embd="hidden_size", intermediate_size="intermediate_size",
+          norm_eps=("layer_norm_eps", 1e-5), parallel_residual=("use_parallel_residual", True),
+          tie_embeddings=("tie_word_embeddings", False)),
+    Key("activation", "hidden_act", "gelu", values=ACTIVATIONS),
+    Key(("qkv_bias", "attn_out_bias"), "attention_bias", True),
+    *fixed(positions="rotary"),
+    Rope(theta_key="rotary_emb_base", fraction_key="rotary_pct"),
+)
+
+FAMILIES = [Family("gpt_neox", causal_lm="GPTNeoXForCausalLM", sequence_classifier="GPTNeoXForSequenceClassification",
+                   weights=_weights(), config=CONFIG)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptlab.formats.family import ACTIVATIONS, Family, Fixed, HFConfig, Key, Rope, WeightRow, weight_and_bias
+from gptlab.formats.family import ACTIVATIONS, Family, HFConfig, Key, Rope, WeightRow, fixed, keys, weight_and_bias
 from gptlab.models.config import Config
 
 
@@ -30,31 +30,16 @@ def _weights() -> tuple[WeightRow, ...]:
     return tuple(rows + weight_and_bias("norm_f", "transformer.ln_f") + weight_and_bias("lm_head", "lm_head"))
 
 
-FAMILIES = [
-    Family(
-        model_type="gptj",
-        causal_lm="GPTJForCausalLM",
-        sequence_classifier="GPTJForSequenceClassification",
-        weights=_weights(),
-        config=(
-            Key("vocab_size", "vocab_size"),
-            Key("context_length", "n_positions", 2048),
-            Key("n_layer", "n_layer"),
-            Key("n_head", "n_head"),
-            Key("n_embd", "n_embd"),
-            Key("intermediate_size", "n_inner", None),
-            Key("norm_eps", "layer_norm_epsilon", 1e-5),
-            Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
-            Fixed("positions", "rotary"),
-            Rope(parameters=False),
-            RotaryDim(),
-            Fixed("rotary_interleaved", True),
-            Fixed("parallel_residual", True),
-            Fixed("shared_norm", True),
-            Fixed("qkv_bias", False),
-            Fixed("attn_out_bias", False),
-            Key("tie_embeddings", "tie_word_embeddings", False),
-            Fixed("lm_head_bias", True),
-        ),
-    ),
-]
+CONFIG = (
+    *keys(vocab_size="vocab_size", context_length=("n_positions", 2048), n_layer="n_layer", n_head="n_head",
+          n_embd="n_embd", intermediate_size=("n_inner", None), norm_eps=("layer_norm_epsilon", 1e-5),
+          tie_embeddings=("tie_word_embeddings", False)),
+    Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
+    *fixed(positions="rotary", rotary_interleaved=True, parallel_residual=True, shared_norm=True,
+           qkv_bias=False, attn_out_bias=False, lm_head_bias=True),
+    Rope(parameters=False),
+    RotaryDim(),
+)
+
+FAMILIES = [Family("gptj", causal_lm="GPTJForCausalLM", sequence_classifier="GPTJForSequenceClassification",
+                   weights=_weights(), config=CONFIG)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from gptlab.errors import GptlabError
-from gptlab.formats.family import ACTIVATIONS, Codec, Family, Fixed, HFConfig, Key, Rope, WeightRow, weight_and_bias
+from gptlab.formats.family import ACTIVATIONS, Codec, Family, Fixed, HFConfig, Key, Rope, WeightRow, fixed, keys, weight_and_bias
 from gptlab.models.config import Config
 
 
@@ -88,25 +88,16 @@ def _config(qwen3: bool, experts: Codec | None) -> tuple[Codec, ...]:
     else:  # Qwen2 biases q, k and v only
         biases = (Key("qkv_bias", "qkv_bias", True), Fixed("attn_out_bias", False))
     return (
-        Key("vocab_size", "vocab_size"),
-        Key("context_length", "max_position_embeddings", 32768),
-        Key("n_layer", "num_hidden_layers"),
-        Key("n_head", "num_attention_heads"),
-        Key("n_embd", "hidden_size"),
-        Key("n_kv_head", "num_key_value_heads", lambda hf, ours: ours["n_head"]),
-        Key("head_dim", "head_dim", None),
-        Key("intermediate_size", "intermediate_size"),
-        Fixed("norm", "rmsnorm"),
-        Key("norm_eps", "rms_norm_eps", 1e-6),
-        Fixed("mlp", "glu"),
+        *keys(vocab_size="vocab_size", context_length=("max_position_embeddings", 32768), n_layer="num_hidden_layers",
+              n_head="num_attention_heads", n_embd="hidden_size"),
+        Key("n_kv_head", "num_key_value_heads", lambda hf, ours: ours["n_head"]),  # default: one per query head
+        *keys(head_dim=("head_dim", None), intermediate_size="intermediate_size", norm_eps=("rms_norm_eps", 1e-6),
+              tie_embeddings=("tie_word_embeddings", False)),
         Key("activation", "hidden_act", "silu", values=ACTIVATIONS),
-        Fixed("mlp_bias", False),
         *biases,
-        Fixed("qk_norm", qwen3),
-        Fixed("positions", "rotary"),
+        *fixed(norm="rmsnorm", mlp="glu", mlp_bias=False, qk_norm=qwen3, positions="rotary"),
         Rope(whole_heads=True),
         SlidingWindows(),
-        Key("tie_embeddings", "tie_word_embeddings", False),
         *((experts,) if experts else ()),
     )
 

@@ -1,13 +1,30 @@
-"""How gptlab writes a directory (model dirs, adapters, token shards, checkpoints): staged beside its
-destination, flushed to disk, then renamed into place, so a crash leaves the old dir or the new one whole."""
+"""How gptlab reads a JSON file (one clear error when it is not one) and writes a directory (model dirs,
+adapters, token shards, checkpoints): staged beside its destination, flushed to disk, then renamed into
+place, so a crash leaves the old dir or the new one whole."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from gptlab.errors import GptlabError
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` (which must exist); not JSON, not an object or not UTF-8: a GptlabError
+    naming the file."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptlabError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise GptlabError(f"{path} holds a JSON {type(d).__name__}, not an object")
+    return d
 
 
 @contextlib.contextmanager
