@@ -1,4 +1,4 @@
-"""LoRA adapters in PEFT's layout: adapter_config.json + adapter_model.safetensors, keys such as
+"""LoRA in PEFT's terms: targets chosen by HF (or gptlab) module name, and adapters in PEFT's layout: adapter_config.json + adapter_model.safetensors, keys such as
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so `peft.PeftModel.from_pretrained` and vLLM
 load what gptlab saves, and PEFT adapters load here (safetensors only: a pickled adapter_model.bin is refused).
 
@@ -24,11 +24,81 @@ import torch.nn as nn
 from gptlab.errors import GptlabError
 from gptlab.formats.files import read_json, staged_dir
 from gptlab.formats.weights import LinearSlice, linear_slices
-from gptlab.models.lora import LoRALinear, is_lora_parameter, lora_layer_at, lora_layers
+from gptlab.models.lora import LoRALinear, add_lora, is_lora_parameter, lora_layer_at, lora_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA targets by name
+
+
+def _matches(path: str, target: str) -> bool:
+    # PEFT's rule for target_modules entries: the full name, or a suffix after a dot
+    return path == target or path.endswith("." + target)
+
+
+def lora_plan(model: nn.Module, targets: list[str] | tuple[str, ...] | str) -> dict[str, list[tuple[int, int]]]:
+    """{our module: [row spans]} for `targets` (HF names, our names, or "all-linear"), for `add_lora`."""
+    if isinstance(targets, str):
+        targets = [targets]
+    ps = linear_slices(model)
+    if not targets:
+        raise GptlabError("LoRA needs at least one target module (e.g. q_proj, v_proj, c_attn or qkv)")
+    chosen: dict[str, set[tuple[int, int]]] = {}
+    sizes = {p.ours: model.get_submodule(p.ours).out_features for p in ps}
+    for t in targets:
+        hit = False
+        for p in ps:
+            if t == "all-linear" and p.ours != "lm_head":
+                chosen.setdefault(p.ours, set()).add((0, sizes[p.ours]))
+                hit = True
+            elif _matches(p.hf, t):
+                chosen.setdefault(p.ours, set()).add(p.span)
+                hit = True
+            elif _matches(p.ours, t):
+                chosen.setdefault(p.ours, set()).add((0, sizes[p.ours]))
+                hit = True
+        if not hit:
+            hf_leaves = sorted({p.hf.rsplit(".", 1)[-1] for p in ps})
+            our_leaves = sorted({".".join(p.ours.split(".")[-2:]) for p in ps})
+            raise GptlabError(
+                f"LoRA target {t!r} matches no Linear of this {model.config.model_type} model; "
+                f"HF names: {', '.join(hf_leaves)}; gptlab names: {', '.join(our_leaves)}; or all-linear"
+            )
+    out = {}
+    for name, spans in chosen.items():
+        spans = sorted(spans)
+        for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+            if a1 < b0:
+                raise GptlabError(
+                    f"LoRA targets overlap on {name} (rows {a0}:{b0} and {a1}:{b1}): name either the fused "
+                    f"layer or its parts, not both"
+                )
+        out[name] = spans
+    return out
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: list[str] | tuple[str, ...] | str = ("qkv",),
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> nn.Module:
+    """LoRA on the targeted Linear layers of a gptlab GPT, everything else frozen (`add_lora`).
+
+    targets: HF module names (c_attn, q_proj, v_proj, gate_proj, ...), gptlab names (qkv, attn.proj,
+      mlp.fc, ...) or "all-linear"; matched as PEFT matches target_modules (whole name or dotted suffix).
+    """
+    return add_lora(model, lora_plan(model, targets), r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adapter files
 
 
 def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

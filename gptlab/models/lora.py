@@ -1,12 +1,10 @@
-"""LoRA (Hu et al. 2021) as one module swap: `apply_lora(model, targets)` replaces chosen nn.Linear layers
-with `LoRALinear`, which adds scale * B @ A to some rows of the frozen weight.
+"""LoRA (Hu et al. 2021) as one module swap: `add_lora(model, plan)` replaces chosen nn.Linear layers with
+`LoRALinear`, which adds scale * B @ A to some rows of the frozen weight.
 
-Targets are named as Hugging Face names them (`c_attn`, `q_proj`, `v_proj`, `gate_proj`, ...) or as gptlab
-does (`qkv`, `attn.proj`, `mlp.fc`, ...); `all-linear` takes every Linear but the output head. Our attention
-fuses q, k and v into one `qkv` Linear (rows [q; k; v]) and GLU MLPs fuse gate and up into `fc`, so a LoRA on
-HF's `q_proj` is a LoRA on the q rows of our `qkv`. Which rows belong to which HF module is read from the
-family's weight rows (`gptlab.formats.weights.linear_slices`, the tables the loader and saver use), never
-from a model's name. Adapter files in PEFT's layout: gptlab/formats/peft.py.
+Our attention fuses q, k and v into one `qkv` Linear (rows [q; k; v]) and GLU MLPs fuse gate and up into `fc`,
+so a plan names row spans: a LoRA on HF's `q_proj` is one on the q rows of our `qkv`. Choosing targets by HF
+or gptlab module name (`apply_lora(model, ["q_proj", "v_proj"])`) and PEFT's adapter files are
+gptlab/formats/peft.py, which reads each family's weight rows; this module knows no family.
 
 """
 
@@ -19,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
-from gptlab.formats.weights import linear_slices
 from gptlab.models.model import Linear, linear
 
 
@@ -102,71 +99,15 @@ class LoRALinear(nn.Linear):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# which rows of which of our Linears each HF module is
+# add, freeze, merge
 
 
-def _matches(path: str, target: str) -> bool:
-    # PEFT's rule for target_modules entries: the full name, or a suffix after a dot
-    return path == target or path.endswith("." + target)
+def add_lora(model: nn.Module, plan: dict[str, list[tuple[int, int]]], r: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0, rslora: bool = False) -> nn.Module:
+    """Swap the Linear layers named in `plan` ({module: [(start, stop) output-row spans]}) for LoRALinear
+    with one adapter per span, and freeze everything else. `gptlab.formats.peft.apply_lora` makes the plan
+    from HF or gptlab module names.
 
-
-def _resolve(model: nn.Module, targets: list[str] | tuple[str, ...] | str) -> dict[str, list[tuple[int, int]]]:
-    """{our module: [row spans]} for `targets` (HF names, our names, or "all-linear")."""
-    if isinstance(targets, str):
-        targets = [targets]
-    ps = linear_slices(model)
-    if not targets:
-        raise GptlabError("LoRA needs at least one target module (e.g. q_proj, v_proj, c_attn or qkv)")
-    chosen: dict[str, set[tuple[int, int]]] = {}
-    sizes = {p.ours: model.get_submodule(p.ours).out_features for p in ps}
-    for t in targets:
-        hit = False
-        for p in ps:
-            if t == "all-linear" and p.ours != "lm_head":
-                chosen.setdefault(p.ours, set()).add((0, sizes[p.ours]))
-                hit = True
-            elif _matches(p.hf, t):
-                chosen.setdefault(p.ours, set()).add(p.span)
-                hit = True
-            elif _matches(p.ours, t):
-                chosen.setdefault(p.ours, set()).add((0, sizes[p.ours]))
-                hit = True
-        if not hit:
-            hf_leaves = sorted({p.hf.rsplit(".", 1)[-1] for p in ps})
-            our_leaves = sorted({".".join(p.ours.split(".")[-2:]) for p in ps})
-            raise GptlabError(
-                f"LoRA target {t!r} matches no Linear of this {model.config.model_type} model; "
-                f"HF names: {', '.join(hf_leaves)}; gptlab names: {', '.join(our_leaves)}; or all-linear"
-            )
-    out = {}
-    for name, spans in chosen.items():
-        spans = sorted(spans)
-        for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
-            if a1 < b0:
-                raise GptlabError(
-                    f"LoRA targets overlap on {name} (rows {a0}:{b0} and {a1}:{b1}): name either the fused "
-                    f"layer or its parts, not both"
-                )
-        out[name] = spans
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# apply, freeze, merge
-
-
-def apply_lora(
-    model: nn.Module,
-    targets: list[str] | tuple[str, ...] | str = ("qkv",),
-    r: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
-) -> nn.Module:
-    """Swap the targeted nn.Linear layers of a gptlab GPT for LoRALinear and freeze everything else.
-
-    targets: HF module names (c_attn, q_proj, v_proj, gate_proj, ...), gptlab names (qkv, attn.proj,
-      mlp.fc, ...) or "all-linear"; matched as PEFT matches target_modules (whole name or dotted suffix).
     r, alpha: rank and scale alpha / r (alpha / sqrt(r) with rslora); dropout: on the adapter's input.
     Returns the same model, changed in place; afterwards only LoRA parameters require grad.
     """
@@ -174,7 +115,6 @@ def apply_lora(
         raise GptlabError(f"LoRA rank r must be at least 1, got {r}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise GptlabError("this model already has LoRA layers")
-    plan = _resolve(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, spans in plan.items():

@@ -39,7 +39,8 @@ from gptlab.eval.metrics import classification_report
 from gptlab.formats import hf
 from gptlab.models import stats
 from gptlab.models.classifier import SequenceClassifier
-from gptlab.models.lora import apply_lora, unload_lora
+from gptlab.formats.peft import apply_lora
+from gptlab.models.lora import unload_lora
 from gptlab.tokenizer import load_tokenizer
 from gptlab.train.loop import LoopConfig, Trainer
 from gptlab.train.losses import classification_loss, next_token_loss

@@ -9,8 +9,8 @@ import torch
 
 import gptlab
 from gptlab.errors import GptlabError
-from gptlab.formats.peft import load_adapter, save_adapter
-from gptlab.models.lora import LoRALinear, apply_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
+from gptlab.formats.peft import apply_lora, load_adapter, save_adapter
+from gptlab.models.lora import LoRALinear, lora_layers, merge_lora, unload_lora, unmerge_lora
 from tests.conftest import make_hf_model
 
 IDS = torch.tensor([[5, 17, 3, 42, 8, 99, 1, 23, 64, 7], [11, 2, 90, 33, 4, 56, 78, 9, 10, 12]])
