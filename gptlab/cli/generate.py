@@ -7,7 +7,8 @@ import sys
 from gptlab.cli import command
 from gptlab.errors import GptlabError
 from gptlab.formats import hf
-from gptlab.infer.generate import generate
+from gptlab.infer.generate import engine_for, generate
+from gptlab.infer.sampling import Sampling
 from gptlab.tokenizer import load_tokenizer
 
 
@@ -71,10 +72,11 @@ def generate_command(
             print(piece, end="", flush=True)
         print()
         return 0
-    batch = [p for p in prompts for _ in range(num_samples)]
-    outs = generate(m, tok, batch, **kw)
-    for i, (p, out) in enumerate(zip(batch, outs)):
-        if len(batch) > 1:
+    s = Sampling(**kw, n=num_samples)  # n samples of a prompt share its cached blocks and differ by seed
+    engine = engine_for(m, tok, [max(1, len(tok.encode(p))) for p in prompts], s)
+    texts = [(p, o.text) for p, r in zip(prompts, engine.generate(prompts, s)) for o in r.outputs]
+    for i, (p, out) in enumerate(texts):
+        if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print((p if echo else "") + out)
     return 0

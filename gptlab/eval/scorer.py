@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.models.kvcache import DenseCache
 
 Tokens = list[int]
 HEAD_ROWS = 2048  # positions per output-head chunk (bounds the logits' memory, see Scorer._head)
@@ -196,44 +197,38 @@ class Scorer:
         conts = [(g, cont) for g, (_, cs) in enumerate(batch) for cont in cs]
         Tk = max(len(c) for _, c in conts) - 1  # continuation tokens fed after the context, at most
         pad = torch.tensor([Lc - len(ctx) for ctx, _ in batch], device=device)
-        pad_lens = pad if bool(pad.any()) else None
         idx = torch.tensor([[0] * (Lc - len(ctx)) + list(ctx) for ctx, _ in batch], device=device)  # (G, Lc)
         self.tokens += sum(len(ctx) for ctx, _ in batch)
         lp_total = torch.zeros(len(conts), dtype=torch.float64, device=device)
         misses = torch.zeros(len(conts), dtype=torch.long, device=device)  # non-greedy tokens per continuation
-        model.setup_cache(G, Lc + Tk)
-        try:
-            hidden = model(idx, input_pos=torch.arange(Lc, device=device), pad_lens=pad_lens, return_hidden=True)
-            first = torch.tensor([g for g, _ in conts], device=device)
-            lp0, greedy0 = self._head(hidden[first, -1], torch.tensor([c[0] for _, c in conts], device=device))
-            lp_total += lp0.double()
-            misses += (~greedy0).long()
-            prefix = [(b.attn.kv_cache.k, b.attn.kv_cache.v) for b in model.blocks]  # (G, nkv, Lc + Tk, hs)
-            longer = sorted((j for j, (_, c) in enumerate(conts) if len(c) > 1), key=lambda j: -len(conts[j][1]))
-            for start in range(0, len(longer), self.batch_size):
-                chunk = longer[start: start + self.batch_size]
-                group_rows = torch.tensor([conts[j][0] for j in chunk], device=device)
-                _select_cache_rows(model, prefix, group_rows)
-                T = len(conts[chunk[0]][1]) - 1  # the chunk's longest (sorted descending)
-                idx2 = torch.zeros(len(chunk), T, dtype=torch.long)
-                rows, cols, targets = [], [], []
-                for r, j in enumerate(chunk):
-                    cont = conts[j][1]
-                    idx2[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-                    rows += [r] * (len(cont) - 1)
-                    cols += range(len(cont) - 1)
-                    targets += cont[1:]
-                self.tokens += len(targets)
-                hidden2 = model(idx2.to(device), input_pos=torch.arange(Lc, Lc + T, device=device),
-                                pad_lens=None if pad_lens is None else pad_lens[group_rows], return_hidden=True)
-                rows_t = torch.tensor(rows, device=device)
-                lp, greedy = self._head(hidden2[rows_t, torch.tensor(cols, device=device)],
-                                        torch.tensor(targets, device=device))
-                owner = torch.tensor(chunk, device=device)[rows_t]
-                lp_total.index_add_(0, owner, lp.double())
-                misses.index_add_(0, owner, (~greedy).long())
-        finally:
-            model.clear_cache()
+        prefix = DenseCache.for_model(model, G, Lc + Tk, starts=pad)  # left-padded rows start at their pad
+        hidden = model(idx, cache=prefix, return_hidden=True)
+        first = torch.tensor([g for g, _ in conts], device=device)
+        lp0, greedy0 = self._head(hidden[first, -1], torch.tensor([c[0] for _, c in conts], device=device))
+        lp_total += lp0.double()
+        misses += (~greedy0).long()
+        longer = sorted((j for j, (_, c) in enumerate(conts) if len(c) > 1), key=lambda j: -len(conts[j][1]))
+        for start in range(0, len(longer), self.batch_size):
+            chunk = longer[start: start + self.batch_size]
+            group_rows = torch.tensor([conts[j][0] for j in chunk], device=device)
+            cache = prefix.fork(group_rows)  # each row reads a copy of its context's keys and values
+            T = len(conts[chunk[0]][1]) - 1  # the chunk's longest (sorted descending)
+            idx2 = torch.zeros(len(chunk), T, dtype=torch.long)
+            rows, cols, targets = [], [], []
+            for r, j in enumerate(chunk):
+                cont = conts[j][1]
+                idx2[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+                rows += [r] * (len(cont) - 1)
+                cols += range(len(cont) - 1)
+                targets += cont[1:]
+            self.tokens += len(targets)
+            hidden2 = model(idx2.to(device), cache=cache, return_hidden=True)
+            rows_t = torch.tensor(rows, device=device)
+            lp, greedy = self._head(hidden2[rows_t, torch.tensor(cols, device=device)],
+                                    torch.tensor(targets, device=device))
+            owner = torch.tensor(chunk, device=device)[rows_t]
+            lp_total.index_add_(0, owner, lp.double())
+            misses.index_add_(0, owner, (~greedy).long())
         return [(float(t), m == 0) for t, m in zip(lp_total.tolist(), misses.tolist())]
 
     # ---- rolling windows (perplexity) ----
@@ -276,15 +271,3 @@ def _per_request(lp: torch.Tensor, greedy: torch.Tensor, rows: list[int], n: int
     total = torch.zeros(n, dtype=torch.float64, device=lp.device).index_add_(0, row_t, lp.double())
     misses = torch.zeros(n, dtype=torch.long, device=lp.device).index_add_(0, row_t, (~greedy).long())
     return [(float(t), m == 0) for t, m in zip(total.tolist(), misses.tolist())]
-
-
-def _select_cache_rows(model, prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> None:
-    """Give every layer a KV cache whose row i is a copy of row rows[i] of `prefix` (that layer's prefilled
-    (G, nkv, S, hs) keys and values): how one prefilled context serves several continuations.
-
-    model.py's KVCache holds buffers `k` and `v` and `update` writes into them in place, so the copies keep
-    the prefix itself untouched for the next chunk.
-    """
-    for block, (k, v) in zip(model.blocks, prefix):
-        block.attn.kv_cache.k = k.index_select(0, rows)
-        block.attn.kv_cache.v = v.index_select(0, rows)

@@ -1,7 +1,10 @@
-"""How each next token is chosen: `Sampling` options and the logits processors, each (B, V) -> (B, V).
+"""How each next token is chosen: `Sampling` options (one per request), the logits processors, and
+`sample_rows`, which picks the next token of every row of an engine step at once.
 
-Processors run in transformers' order (repetition penalty, no-repeat n-gram, temperature, top-k, top-p),
-so greedy output and seeded sampling are reproducible and greedy matches `transformers.generate`.
+Processors run in transformers' order (repetition penalty, no-repeat n-gram, presence / frequency
+penalty, temperature, top-k, top-p, min-p), so greedy output matches `transformers.generate`. A sampled row
+draws from its own generator (seeded per request), with one uniform draw per token, so a seeded request
+samples the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ class Sampling:
     top_p: float | None = None
     repetition_penalty: float = 1.0  # CTRL paper: divide positive logits (multiply negative) of seen tokens
     no_repeat_ngram_size: int = 0  # ban tokens that would repeat an n-gram already in the sequence
+    min_p: float | None = None  # drop tokens less likely than min_p x the likeliest one
+    presence_penalty: float = 0.0  # OpenAI's: subtract from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtract this x the number of times a token was generated
     stop: list[str] = field(default_factory=list)  # stop strings, excluded from the output
-    eos_id: int | list[int] | None = None  # stop a row at these ids (default: the tokenizer's / config's EOS)
+    eos_id: int | list[int] | None = None  # stop a row at these ids (default: the config's / tokenizer's EOS)
     seed: int | None = None
     truncate: bool = False  # drop the oldest prompt tokens when prompt + new tokens exceed the context
+    n: int = 1  # samples per prompt (they share the prompt's cached blocks)
+    logprobs: int | None = None  # return the chosen token's log-probability and this many alternatives
+    thinking_budget: int | None = None  # reasoning tokens before the answer is forced (gptlab/infer/thinking.py)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -41,6 +50,21 @@ class Sampling:
             raise GptlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
             raise GptlabError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise GptlabError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise GptlabError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.n < 1:
+            raise GptlabError(f"n must be >= 1, got {self.n}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise GptlabError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.thinking_budget is not None and self.thinking_budget < 0:
+            raise GptlabError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,24 +103,88 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
-def next_token(logits: torch.Tensor, s: Sampling, history: list[list[int]], gen: torch.Generator | None) -> torch.Tensor:
-    """Choose the next token for each row from logits (B, V); history: each row's tokens so far."""
-    logits = logits.float()
-    if s.repetition_penalty != 1.0:
-        width = max(len(h) for h in history)
-        seqs = torch.tensor([h + [-1] * (width - len(h)) for h in history], device=logits.device)
-        logits = apply_repetition_penalty(logits, seqs, s.repetition_penalty)
-    if s.no_repeat_ngram_size:
-        for row, h in enumerate(history):
-            banned = banned_ngram_tokens(h, s.no_repeat_ngram_size)
-            if banned:
-                logits[row, banned] = float("-inf")
-    if s.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / s.temperature
-    if s.top_k is not None:
-        logits = top_k_filter(logits, s.top_k)
-    if s.top_p is not None and s.top_p < 1.0:
-        logits = top_p_filter(logits, s.top_p)
+def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p (R, 1) times the row's likeliest token's."""
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+@dataclass
+class Row:
+    """One row of an engine step, as the sampler sees it."""
+
+    sampling: Sampling
+    tokens: list[int]  # prompt + generated so far
+    num_prompt: int
+    generator: torch.Generator | None = None  # the request's own (seeded) generator; None for greedy rows
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the chosen token, under the model's distribution (before sampling processors)
+    top: list[tuple[int, float]]  # the `logprobs` likeliest tokens and their log-probabilities
+
+
+def _penalise(logits: torch.Tensor, rows: list[Row]) -> None:
+    """Per-row penalties in place: repetition (CTRL), no-repeat n-grams, presence / frequency (OpenAI)."""
+    for i, r in enumerate(rows):
+        s = r.sampling
+        if s.repetition_penalty != 1.0:
+            logits[i] = apply_repetition_penalty(logits[i:i + 1], torch.tensor([r.tokens], device=logits.device),
+                                                 s.repetition_penalty)[0]
+        if s.no_repeat_ngram_size:
+            banned = banned_ngram_tokens(r.tokens, s.no_repeat_ngram_size)
+            if banned:
+                logits[i, banned] = float("-inf")
+        out = r.tokens[r.num_prompt:]
+        if (s.presence_penalty or s.frequency_penalty) and out:
+            counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.shape[-1]).float()
+            logits[i] -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
+
+
+def _draw(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Sampled rows: temperature, top-k, top-p, min-p, then one uniform draw from each row's generator."""
+    dev = logits.device
+    x = logits / torch.tensor([r.sampling.temperature for r in rows], device=dev)[:, None]
+    V = x.shape[-1]
+    ks = [min(r.sampling.top_k or V, V) for r in rows]
+    if min(ks) < V:
+        kth = torch.topk(x, max(ks), dim=-1).values.gather(1, torch.tensor(ks, device=dev)[:, None] - 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+    ps = [r.sampling.top_p if r.sampling.top_p is not None else 1.0 for r in rows]
+    if min(ps) < 1.0:
+        sorted_x, order = torch.sort(x, descending=False, dim=-1)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - torch.tensor(ps, device=dev))[:, None]
+        remove[..., -1] = False
+        x = x.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    mins = [r.sampling.min_p or 0.0 for r in rows]
+    if max(mins) > 0:
+        x = min_p_filter(x, torch.tensor(mins, device=dev)[:, None])
+    cdf = x.softmax(dim=-1).cumsum(dim=-1)  # (R, V)
+    u = torch.stack([torch.rand((), generator=r.generator, device=dev) for r in rows])[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)[:, 0]
+
+
+def sample_rows(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """The next token of each row from its logits (R, V), each by its own Sampling; and its log-probs when
+    the row asks for them."""
+    logits = logits.float()
+    raw = logits.log_softmax(dim=-1) if any(r.sampling.logprobs is not None for r in rows) else None
+    _penalise(logits, rows)
+    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    greedy = [i for i, r in enumerate(rows) if r.sampling.greedy]
+    drawn = [i for i, r in enumerate(rows) if not r.sampling.greedy]
+    if greedy:
+        chosen[greedy] = logits[greedy].argmax(dim=-1)
+    if drawn:
+        chosen[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
+    tokens = chosen.tolist()
+    info: list[TokenLogprobs | None] = [None] * len(rows)
+    for i, r in enumerate(rows):
+        n = r.sampling.logprobs
+        if n is not None:
+            top = raw[i].topk(n) if n else None
+            info[i] = TokenLogprobs(float(raw[i, tokens[i]]),
+                                    list(zip(top.indices.tolist(), top.values.tolist())) if n else [])
+    return tokens, info

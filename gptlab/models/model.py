@@ -4,9 +4,10 @@ Everything that differs between families is a field of `Config`; this file reads
 a model's name. Shapes: B batch, T new tokens, S cached length, C width, nh / nkv query / key-value heads,
 hs head size, V vocab.
 
-Inference follows gpt-fast: a static KV cache (`setup_cache`), prefill then one token per step, slots of
-the cache addressed by `input_pos`. Batched prompts of different lengths are left-padded; `pad_lens`
-tells each row how many leading slots are padding, so positions and masks stay exact per row.
+Inference passes a KV cache object to `forward` (gptlab/models/kvcache.py: a dense per-row cache; the
+engine's paged cache in gptlab/infer/paged.py) with each token's position; the cache stores the new keys and
+values and does the attention over what it holds, so rows of one batch can be at different positions. The
+modules hold no cache state.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from gptlab import kernels
 from gptlab.errors import GptlabError
 from gptlab.models.config import Config
+from gptlab.models.kvcache import KVCache, attention_bias
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,21 +99,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
 
 
-class KVCache(nn.Module):
-    """Static cache for one layer: (B, nkv, S, hs) keys and values, written at slots `input_pos`."""
-
-    def __init__(self, batch_size: int, n_kv_head: int, length: int, head_dim: int, dtype, device) -> None:
-        super().__init__()
-        shape = (batch_size, n_kv_head, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
-
-
 class Attention(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
@@ -125,12 +112,11 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.interleaved = config.rotary_interleaved
         self.scale = None if config.scale_attn else 1.0  # None: SDPA's 1/sqrt(hs)
-        self.window = config.window(layer)
+        self.layer, self.window = layer, config.window(layer)
         self.dropout = config.dropout
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_len):
-        """mask None: causal over the first kv_len keys (T == kv_len), or all of them (T == 1)."""
+    def forward(self, x, cos, sin, mask, cache):
+        """Without a cache: causal attention over these T tokens (mask: the local window, else None)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split((nh * hs, nkv * hs, nkv * hs), dim=-1)
@@ -142,13 +128,13 @@ class Attention(nn.Module):
         if cos is not None:
             q = apply_rope(q, cos, sin, self.interleaved)
             k = apply_rope(k, cos, sin, self.interleaved)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, nkv, S, hs): only the slots written so far
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
-        )  # (B, nh, T, hs)
+        if cache is not None:
+            y = cache.attend(self.layer, q, k, v, self.scale)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
+            )  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
 
 
@@ -220,12 +206,12 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config, config.intermediate_size)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_len):
+    def forward(self, x, cos, sin, mask, cache):
         if self.post_norm:  # GPT-1
-            x = self.norm_1(x + self.drop(self.attn(x, cos, sin, mask, input_pos, kv_len)))
+            x = self.norm_1(x + self.drop(self.attn(x, cos, sin, mask, cache)))
             return self.norm_2(x + self.drop(self.mlp(x)))
         h = self.norm_1(x)
-        a = self.drop(self.attn(h, cos, sin, mask, input_pos, kv_len))
+        a = self.drop(self.attn(h, cos, sin, mask, cache))
         if self.parallel:  # GPT-J (shared norm) and GPT-NeoX
             m = self.mlp(h if self.norm_2 is None else self.norm_2(x))
             return x + a + self.drop(m)
@@ -287,93 +273,53 @@ class GPT(nn.Module):
             if isinstance(block.mlp, MLP):
                 nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
 
-    # ---- KV cache ----
-    def setup_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None, device=None) -> None:
-        """Allocate a static KV cache of `length` slots per layer for `batch_size` rows."""
-        if length > self.config.context_length:
-            raise GptlabError(f"cache length {length} exceeds the model's context of {self.config.context_length}")
-        p = self.wte.weight
-        c = self.config
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, c.n_kv_head, length, c.head_dim, dtype or p.dtype, device or p.device)
-
-    def clear_cache(self) -> None:
-        for block in self.blocks:
-            block.attn.kv_cache = None
-
-    @property
-    def cache_length(self) -> int:
-        cache = self.blocks[0].attn.kv_cache
-        return 0 if cache is None else cache.k.shape[2]
-
     # ---- forward ----
     def forward(
         self,
         idx: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        pad_lens: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V), or final hidden states (B, T, C) with return_hidden.
 
-        input_pos (T,): the cache slots these tokens occupy (needs `setup_cache`); None: slots 0..T-1, no
-        cache. pad_lens (B,): leading padding slots per row (left-padded batches).
+        positions (B|1, T): each token's position (rotary / learned embeddings); default: the cache's next
+        positions, or 0..T-1 without one. cache: a KV cache (gptlab.models.kvcache) that stores these tokens'
+        keys and values and attends over all it holds; None: causal attention over these T tokens alone.
         """
         B, T = idx.shape
-        cached = self.cache_length > 0
-        if input_pos is None:
-            if cached:
-                raise GptlabError("the KV cache is set up: pass input_pos (or call clear_cache)")
-            if T > self.config.context_length:
+        if positions is None:
+            if cache is not None:
+                positions = cache.positions(T)
+            elif T > self.config.context_length:
                 raise GptlabError(f"sequence of {T} tokens exceeds the model's context of {self.config.context_length}")
-            input_pos = torch.arange(T, device=idx.device)
-        kv_len = T
-        if cached:
-            kv_len = int(input_pos[-1]) + 1  # slots are filled in order; attend to those written so far
-            if kv_len > self.cache_length:
-                raise GptlabError(f"position {kv_len - 1} is past the KV cache length {self.cache_length}")
-        pos = input_pos[None, :]  # (1, T)
-        if pad_lens is not None:
-            pos = (pos - pad_lens[:, None]).clamp(min=0)  # (B, T)
+            else:
+                positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+        if cache is not None and T and int(positions.max()) >= self.config.context_length:
+            raise GptlabError(f"position {int(positions.max())} is past the model's context of "
+                              f"{self.config.context_length}")
 
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(pos)
+            x = x + self.wpe(positions)
         x = self.drop(x)
         cos = sin = None
         if self.config.positions == "rotary":
-            cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rd)
-            sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
+            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rd)
+            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
 
-        # no mask at all for the common cases: a full causal sequence, or one new token seeing every key
-        plain = pad_lens is None and (T == 1 or T == kv_len)
-        masks: dict[int, torch.Tensor | None] = {}
+        masks: dict[int, torch.Tensor | None] = {}  # without a cache: one local-window mask per window size
+        if cache is not None:
+            cache.begin(T)
         for block in self.blocks:
             w = block.attn.window
-            if w not in masks:
-                masks[w] = None if plain and (w == 0 or w >= kv_len) else self._mask(input_pos, kv_len, pad_lens, w, x.dtype)
-            x = block(x, cos, sin, masks[w], input_pos if cached else None, kv_len)
+            if cache is None and w not in masks:
+                masks[w] = attention_bias(torch.arange(T, device=idx.device), T, w, x.dtype) if 0 < w < T else None
+            x = block(x, cos, sin, masks.get(w), cache)
+        if cache is not None:
+            cache.end(T)
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)
-
-    @staticmethod
-    def _mask(input_pos: torch.Tensor, S: int, pad_lens: torch.Tensor | None, window: int, dtype) -> torch.Tensor:
-        """Additive attention mask (B|1, 1, T, S): causal, within the window, and never onto padding.
-
-        Built once per forward as 0 / -inf in the activations' dtype: SDPA on CPU would otherwise convert a
-        boolean mask in every layer (measured several times slower for batch-1 decode).
-        """
-        q = input_pos[:, None]  # (T, 1)
-        k = torch.arange(S, device=input_pos.device)[None, :]  # (1, S)
-        allowed = k <= q
-        if window:
-            allowed = allowed & (q - k < window)
-        allowed = allowed[None, None]  # (1, 1, T, S)
-        if pad_lens is not None:
-            allowed = allowed & (k >= pad_lens[:, None, None, None])  # (B, 1, T, S)
-            # a padding slot attends to itself, so its (unused) row stays finite instead of NaN
-            allowed = allowed | (k == q)
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     # ---- convenience ----
     def num_params(self, exclude_embeddings: bool = False) -> int:

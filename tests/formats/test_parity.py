@@ -12,6 +12,8 @@ import torch
 
 import gptlab
 from gptlab.infer.generate import generate_ids
+from gptlab.infer.paged import PagedCache, Segment
+from gptlab.models.kvcache import DenseCache
 from tests.conftest import make_hf_model, save_hf_model
 
 # (family, overrides): odd head counts, vocab not a multiple of 64, kv heads 1 and several, partial rotary,
@@ -95,14 +97,33 @@ def test_cached_decode_equals_uncached_forward(pair):
     x = _tokens(ours.config.vocab_size, (2, 20), seed=2)
     with torch.no_grad():
         full = ours(x)
-        ours.setup_cache(2, 20)
-        try:
-            steps = [ours(x[:, :8], input_pos=torch.arange(8))]
-            for t in range(8, 20):
-                steps.append(ours(x[:, t:t + 1], input_pos=torch.tensor([t])))
-        finally:
-            ours.clear_cache()
+        cache = DenseCache.for_model(ours, 2, 20)
+        steps = [ours(x[:, :8], cache=cache)] + [ours(x[:, t:t + 1], cache=cache) for t in range(8, 20)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_paged_steps_of_mixed_chunks_and_decodes_equal_uncached_forward(pair):
+    """Two sequences through the engine's paged cache (blocks of 4, scattered): one prefilled in chunks of
+    8, 4 and 8 tokens while the other prefills 5 and then decodes one token per step, in the same passes."""
+    _, ours, _ = pair
+    x = _tokens(ours.config.vocab_size, (2, 20), seed=3)
+    with torch.no_grad():
+        full = ours(x)
+        cache = PagedCache(ours.config, num_blocks=12, block_size=4, dtype=torch.float32, device="cpu")
+        tables = [[7, 1, 4, 9, 2], [3, 10, 0, 5, 11]]
+        plans = [((0, 8), (0, 5)), ((8, 12), (5, 6)), ((12, 20), (6, 7))]
+        got = {0: [], 1: []}
+        for plan in plans:
+            segs, ids, start = [], [], 0
+            for row, (a, b) in enumerate(plan):
+                segs.append(Segment(start, b - a, a, tables[row]))
+                ids += x[row, a:b].tolist()
+                start += b - a
+            logits = ours(torch.tensor([ids]), positions=cache.prepare(segs), cache=cache)[0]
+            for row, seg in enumerate(segs):
+                got[row].append(logits[seg.start:seg.start + seg.length])
+    assert (torch.cat(got[0]) - full[0]).abs().max().item() <= 1e-4
+    assert (torch.cat(got[1]) - full[1, :7]).abs().max().item() <= 1e-4
 
 
 def test_save_then_transformers_load_round_trips(pair, tmp_path):

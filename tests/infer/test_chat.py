@@ -140,10 +140,10 @@ def test_chat_reuses_the_kv_cache_of_its_history(chat_dir):
     "".join(chat.send("What is a tuple?"))
     first_prompt_tokens = len(tok.encode(_hf_render(chat_dir, [{"role": "user", "content": "What is a tuple?"}])))
     second = "".join(chat.send("And a list?"))
-    assert chat.cache.reused >= first_prompt_tokens  # the second turn did not recompute the first prompt
+    assert chat.cache.reused >= first_prompt_tokens // 16 * 16  # the first prompt's whole blocks were reused
     fresh = Chat(model, tok, max_new_tokens=8, temperature=0)
     fresh.messages = list(chat.messages[:-2])
     fresh.cache = type(chat.cache)()  # the same conversation replayed without a cache
     assert "".join(fresh.send("And a list?")) == second
     chat.reset()
-    assert chat.cache.ids == []
+    assert chat.cache.engine is None and chat.cache.reused == 0

@@ -131,38 +131,41 @@ def test_bad_sampling_values_are_refused():
 
 
 def _greedy(model, prompt, n, cache=None):
-    from gptlab.infer.generate import generate_tokens
-
-    return [t[0] for t in generate_tokens(model, [prompt], Sampling(max_new_tokens=n, eos_id=[]), cache)]
+    s = Sampling(max_new_tokens=n, eos_id=[])
+    if cache is None:
+        return generate_ids(model, [prompt], sampling=s)[0]
+    out = cache.engine_for(model, None).generate([prompt], s)[0]
+    cache.reused = out.num_cached_tokens
+    return out.outputs[0].token_ids
 
 
 def test_prompt_cache_prefills_only_new_tokens_and_matches_a_fresh_run(model_and_tok):
+    """Reuse is by whole cached blocks (16 tokens) of what earlier calls computed: prompt and fed replies."""
     from gptlab.infer.generate import PromptCache
 
     model, _ = model_and_tok
     cache = PromptCache()
-    first = list(range(5, 15))
+    first = list(range(5, 45))  # 40 tokens
     reply = _greedy(model, first, 6, cache)
     assert reply == _greedy(model, first, 6) and cache.reused == 0
-    assert model.cache_length == 0  # between calls the model holds no cache: plain forwards still work
-    model(torch.tensor([first]))
+    model(torch.tensor([first]))  # the model holds no cache between calls: plain forwards still work
 
     second = first + reply + [40, 41, 42]  # the conversation so far, then a new user turn
     assert _greedy(model, second, 6, cache) == _greedy(model, second, 6)
-    assert cache.reused == len(first) + len(reply) - 1  # the last reply token was sampled, never fed
+    computed = len(first) + len(reply) - 1  # the last reply token was sampled, never fed
+    assert cache.reused == computed // 16 * 16 == 32
 
-    third = first[:3] + [60, 61]  # diverges after 3 tokens: only those are reused, the rest recomputed
+    third = first[:20] + [60, 61]  # diverges after 20 tokens: only the first whole block is reused
     assert _greedy(model, third, 4, cache) == _greedy(model, third, 4)
-    assert cache.reused == 3
+    assert cache.reused == 16
 
     cache.reset()
     assert _greedy(model, third, 4, cache) == _greedy(model, third, 4) and cache.reused == 0
 
 
 def test_prompt_cache_takes_one_prompt(model_and_tok):
-    from gptlab.infer.generate import PromptCache, generate_tokens
+    from gptlab.infer.generate import PromptCache
 
-    model, _ = model_and_tok
+    model, tok = model_and_tok
     with pytest.raises(GptlabError, match="one prompt"):
-        next(generate_tokens(model, [[1, 2], [3, 4]], Sampling(max_new_tokens=2), PromptCache()))
-    assert model.cache_length == 0
+        generate(model, tok, ["a b", "c d"], max_new_tokens=2, cache=PromptCache())

@@ -1,0 +1,326 @@
+"""The inference engine: continuous batching over a paged, prefix-cached KV cache (in the spirit of
+nano-vllm and vLLM's `LLM`).
+
+    from gptlab.infer.engine import Engine, EngineConfig
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=32, kv_cache_memory="1GiB"))
+    outs = engine.generate(["The with statement", "A class"], Sampling(max_new_tokens=50, temperature=0.8, seed=1))
+    print(outs[0].outputs[0].text)
+
+    rid = engine.add_request("Hello", Sampling(max_new_tokens=20))   # the step interface (the server's)
+    while engine.has_unfinished():
+        for delta in engine.step(): print(delta.text, end="")
+
+Every step the scheduler (scheduler.py) picks which sequences run: running ones get their next token,
+waiting ones join while the token budget, the batch limit and free KV blocks allow (long prompts in chunks);
+finished ones leave. All their new tokens run as one flattened forward pass over the paged cache (paged.py),
+then each sequence that has computed all its tokens samples its next one by its own Sampling (sampling.py).
+Requests join and leave at every step; a request's greedy output does not depend on what else is in the
+batch, and a seeded request samples from its own generator.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.infer.paged import PagedCache, Segment
+from gptlab.infer.sampling import Row, Sampling, TokenLogprobs, sample_rows
+from gptlab.infer.scheduler import BlockManager, QueueFull, Scheduler, Sequence, Status
+from gptlab.infer.text import TextRow, fit_prompt, stop_ids
+from gptlab.infer.thinking import ThinkState, opened_by, thinking_tags
+
+__all__ = ["Engine", "EngineConfig", "RequestOutput", "CompletionOutput", "Delta", "QueueFull", "parse_size"]
+
+_SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 1073741824, "1GiB", "512MB", "2gb"."""
+    if isinstance(size, int):
+        n = size
+    else:
+        text = str(size).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            n = int(float(number) * _SIZES[unit])
+        except (ValueError, KeyError):
+            raise GptlabError(f"size {size!r} is not a number of bytes with an optional unit (e.g. 2GiB, 512MB)") from None
+    if n <= 0:
+        raise GptlabError(f"size {size!r} must be positive")
+    return n
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 32  # sequences running at once
+    max_batched_tokens: int = 512  # tokens per forward pass (prompt chunks + one per decoding sequence)
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_memory: int | str | None = None  # KV pool bytes ("2GiB"); None: max_batch full contexts, <= 2 GiB
+    num_blocks: int | None = None  # the KV pool in blocks (overrides kv_cache_memory)
+    max_waiting: int = 1024  # requests queued beyond the running batch; more are refused (QueueFull)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_batched_tokens", "block_size", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise GptlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # which of the request's n samples
+    token_ids: list[int] = field(default_factory=list)  # generated (a stop id excluded)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "abort"
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_tokens: int = 0  # generated tokens, a stop id included (usage)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+@dataclass
+class Delta:
+    """What one step added to one sample of a request (the server streams these)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs]
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class _State:
+    """The engine's per-sequence data (Sequence.data)."""
+
+    request_id: str
+    index: int
+    sampling: Sampling
+    eos: set[int]
+    text: TextRow | None
+    generator: torch.Generator | None
+    think: ThinkState
+    out: CompletionOutput
+    max_len: int  # prompt + max_new_tokens
+
+
+_request_ids = itertools.count()
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = cfg = config or EngineConfig()
+        c = model.config
+        w = model.wte.weight
+        self.device, self.dtype = w.device, w.dtype
+        per_block = PagedCache.bytes_per_block(c, cfg.block_size, w.dtype)
+        if cfg.num_blocks is not None:
+            num_blocks = cfg.num_blocks
+        elif cfg.kv_cache_memory is not None:
+            num_blocks = parse_size(cfg.kv_cache_memory) // per_block
+            if num_blocks < 1:
+                raise GptlabError(f"kv_cache_memory {cfg.kv_cache_memory} holds no block of {cfg.block_size} tokens "
+                                  f"({per_block:,} bytes for this model)")
+        else:
+            full = cfg.max_batch * -(-c.context_length // cfg.block_size)
+            num_blocks = max(1, min(full, (2 << 30) // per_block))
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.cache = PagedCache(c, num_blocks, cfg.block_size, w.dtype, w.device)
+        self.scheduler = Scheduler(self.blocks, cfg.max_batch, cfg.max_batched_tokens, cfg.max_waiting)
+        self.tags = thinking_tags(tokenizer)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+
+    # ---- requests ----
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GptlabError("a text prompt needs a tokenizer; pass token ids, or give the engine one")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, prompt: str | Seq[int], sampling: Sampling | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (n samples of one prompt); returns its id. Raises QueueFull when the queue is."""
+        s = sampling or Sampling()
+        rid = request_id if request_id is not None else f"req-{next(_request_ids)}"
+        if rid in self.requests:
+            raise GptlabError(f"request id {rid!r} is already in use")
+        c = self.model.config
+        eos = stop_ids(c, s.eos_id, self.tokenizer)
+        start = c.bos_token_id if c.bos_token_id is not None else min(eos, default=None)
+        ids = fit_prompt(self.encode(prompt), s.max_new_tokens, c.context_length, s.truncate, start)
+        if len(self.scheduler.waiting) + s.n > self.config.max_waiting:
+            raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
+        if self.blocks.blocks_for(len(ids) + s.max_new_tokens) > self.blocks.num_blocks:
+            raise GptlabError(f"prompt + max_new_tokens = {len(ids) + s.max_new_tokens} tokens does not fit the KV "
+                              f"cache ({self.blocks.num_blocks} blocks of {self.config.block_size} tokens)")
+        seqs = []
+        for i in range(s.n):
+            gen = None
+            if not s.greedy:
+                seed = s.seed + i if s.seed is not None else int(torch.randint(0, 2**62, ()))
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+            state = _State(rid, i, s, eos, TextRow(self.tokenizer, s.stop) if self.tokenizer is not None else None,
+                           gen, ThinkState(self.tags, s.thinking_budget, ids), CompletionOutput(i),
+                           len(ids) + s.max_new_tokens)
+            seq = Sequence(list(ids), len(ids), state, leader=seqs[0] if seqs else None)
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        self.requests[rid] = seqs
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its cache blocks (unknown or finished ids are ignored)."""
+        for seq in self.requests.pop(request_id, []):
+            if seq.status is not Status.FINISHED:
+                seq.data.out.finish_reason = seq.data.out.finish_reason or "abort"
+                self.scheduler.remove(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        return RequestOutput(request_id, seqs[0].tokens[:seqs[0].num_prompt], [q.data.out for q in seqs],
+                             seqs[0].num_cached)
+
+    def opened_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether this prompt leaves a <think> block open for the model (the reasoning starts at once)."""
+        return opened_by(prompt_ids, self.tags)
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def step(self) -> list[Delta]:
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            return []
+        ids, segments, start = [], [], 0
+        for seq, n in zip(plan.seqs, plan.counts):
+            ids += seq.tokens[seq.num_computed:seq.num_computed + n]
+            segments.append(Segment(start, n, seq.num_computed, seq.block_table))
+            start += n
+        positions = self.cache.prepare(segments)
+        hidden = self.model(torch.tensor([ids], device=self.device), positions=positions, cache=self.cache,
+                            return_hidden=True)  # (1, N, C)
+        sampling, last = [], []
+        for seq, n, seg in zip(plan.seqs, plan.counts, segments):
+            if seq.num_computed < seq.num_prompt:
+                self.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
+            seq.num_computed += n
+            self.blocks.computed(seq)
+            if seq.pending == 0:  # all its tokens have keys and values: it samples the next one
+                sampling.append(seq)
+                last.append(seg.start + n - 1)
+        if not sampling:
+            return []
+        logits = self.model.lm_head(hidden[0, torch.tensor(last, device=self.device)])  # (R, V)
+        rows = [Row(q.data.sampling, q.tokens, q.num_prompt, q.data.generator) for q in sampling]
+        tokens, logprobs = sample_rows(logits, rows)
+        return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
+
+    def _advance(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> Delta:
+        st, out = seq.data, seq.data.out
+        new_ids, new_lps, text = [], [], []
+        self.generated_tokens += 1
+        out.num_tokens += 1
+        if token in st.eos:
+            finish = "stop"
+        else:
+            seq.tokens.append(token)
+            forced = []
+            st.think.on_token(token)
+            if st.think.due():
+                forced = st.think.force()[: st.max_len - len(seq.tokens)]  # within max_tokens
+                seq.tokens += forced
+                out.num_tokens += len(forced)
+                self.generated_tokens += len(forced)
+            for t in [token, *forced]:
+                new_ids.append(t)
+                if st.text is not None:
+                    text.append(st.text.add(t))
+            if logprobs is not None:
+                new_lps.append(logprobs)
+            finish = None
+            if st.text is not None and st.text.finished:
+                finish = "stop"
+            elif len(seq.tokens) >= st.max_len or len(seq.tokens) >= self.model.config.context_length:
+                finish = "length"
+        if finish is not None and st.text is not None:
+            text.append(st.text.rest())
+        out.token_ids += new_ids
+        out.logprobs += new_lps
+        piece = "".join(text)
+        out.text += piece
+        if finish is not None:
+            out.finish_reason = finish
+            self.scheduler.remove(seq)
+        return Delta(st.request_id, st.index, new_ids, piece, new_lps, finish)
+
+    # ---- whole requests ----
+    def generate(self, prompts: str | Seq[int] | list, sampling: Sampling | list[Sampling] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run prompts (texts or token-id lists) to the end as one continuously batched workload."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        samplings = sampling if isinstance(sampling, list) else [sampling or Sampling()] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise GptlabError(f"{len(samplings)} Sampling objects for {len(prompts)} prompts")
+        rids = [self.add_request(p, s) for p, s in zip(prompts, samplings)]
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(rids), desc="generate", disable=not progress, leave=False) as bar:
+            done = 0
+            while self.has_unfinished():
+                self.step()
+                now = sum(self.output(r).finished for r in rids)
+                bar.update(now - done)
+                done = now
+        outs = [self.output(r) for r in rids]
+        for r in rids:
+            self.requests.pop(r, None)
+        return outs
+
+    def stream(self, prompt: str | Seq[int], sampling: Sampling | None = None) -> Iterator[Delta]:
+        """One request's deltas as they are made (this engine runs nothing else meanwhile)."""
+        rid = self.add_request(prompt, sampling)
+        try:
+            while rid in self.requests and not self.output(rid).finished:
+                for d in self.step():
+                    if d.request_id == rid:
+                        yield d
+        finally:
+            self.abort(rid)
+            self.requests.pop(rid, None)
+
+    # ---- state ----
+    def stats(self) -> dict[str, float]:
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.blocks.usage(), "kv_blocks": self.blocks.num_blocks,
+            "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
+            "preemptions": self.scheduler.preemptions, "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
+        }

@@ -1,0 +1,126 @@
+"""The engine's paged KV cache: one pool of fixed-size blocks per layer, and for each forward pass the map
+from its flattened tokens to the pool (a KVCache for `GPT.forward`, gptlab/models/kvcache.py).
+
+An engine step runs every scheduled sequence's new tokens as one flattened row, (1, N): the linear layers
+see all N tokens at once, whatever mix of prompt chunks and single decode tokens they are. Attention is per
+sequence: a token at position p of a sequence writes its key and value to slot block_table[p // bs] * bs +
+p % bs and attends to that sequence's slots 0..p (within the layer's local window, if any). Decode tokens
+(one per sequence) are attended to in one batched call; each prompt chunk in its own.
+
+Shapes: N new tokens, R decode rows, L cached length, nh / nkv query / key-value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gptlab.models.kvcache import attention_bias
+
+
+@dataclass
+class Segment:
+    """One sequence's tokens in a step: `length` new tokens after `context` cached ones."""
+
+    start: int  # offset in the flattened batch
+    length: int
+    context: int
+    block_table: list[int]
+
+
+class PagedCache:
+    def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shape = (num_blocks, block_size, config.n_kv_head, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.windows = [config.window(i) for i in range(config.n_layer)]
+        self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
+
+    @staticmethod
+    def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * config.n_layer * block_size * config.n_kv_head * config.head_dim * dtype.itemsize
+
+    # ---- one step ----
+    def prepare(self, segments: list[Segment]) -> torch.Tensor:
+        """Set the step's token -> slot map and attention groups; return the tokens' positions (1, N)."""
+        bs, dev = self.block_size, self.device
+        pos, slots = [], []
+        for s in segments:
+            p = list(range(s.context, s.context + s.length))
+            pos += p
+            slots += [s.block_table[i // bs] * bs + i % bs for i in p]
+        self.n = len(pos)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        decode = [s for s in segments if s.length == 1]
+        self.prefill = [s for s in segments if s.length > 1]
+        self.decode_rows = None
+        if decode:
+            width = max(len(s.block_table) for s in decode)
+            self.decode_rows = torch.tensor([s.start for s in decode], device=dev)  # (R,)
+            self.decode_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode],
+                                              device=dev)  # (R, blocks); padding points at block 0, masked off
+            self.decode_pos = torch.tensor([s.context for s in decode], device=dev)  # (R,)
+        self._masks: dict[int, torch.Tensor] = {}
+        return torch.tensor(pos, dtype=torch.long, device=dev)[None, :]
+
+    def positions(self, T: int) -> torch.Tensor:
+        raise RuntimeError("the engine passes positions from prepare()")
+
+    def begin(self, T: int) -> None:
+        assert T == self.n, "a paged forward runs exactly the prepared tokens"
+
+    def end(self, T: int) -> None:
+        pass
+
+    def _gather(self, pool: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+        """The first `length` slots of each row's blocks: (rows, nkv, length, hs)."""
+        g = pool[tables]  # (rows, blocks, bs, nkv, hs)
+        g = g.flatten(1, 2)[:, :length]  # (rows, L, nkv, hs)
+        return g.transpose(1, 2)
+
+    def _decode_mask(self, window: int, L: int, dtype: torch.dtype) -> torch.Tensor:
+        if window not in self._masks:
+            k = torch.arange(L, device=self.device)[None, :]  # (1, L)
+            q = self.decode_pos[:, None]  # (R, 1)
+            allowed = k <= q
+            if window:
+                allowed = allowed & (q - k < window)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+            self._masks[window] = mask[:, None, None, :]  # (R, 1, 1, L)
+        return self._masks[window]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        nh, nkv = q.shape[1], k.shape[1]
+        kp, vp = self.k[layer], self.v[layer]
+        flat = kp.shape[0] * kp.shape[1]
+        kp.view(flat, *kp.shape[2:]).index_copy_(0, self.slots, k[0].transpose(0, 1))  # (N, nkv, hs) -> slots
+        vp.view(flat, *vp.shape[2:]).index_copy_(0, self.slots, v[0].transpose(0, 1))
+        y = torch.empty_like(q)  # (1, nh, N, hs)
+        gqa = nh != nkv
+        window = self.windows[layer]
+        if self.decode_rows is not None:
+            L = int(self.decode_pos.max()) + 1
+            keys = self._gather(kp, self.decode_tables, L)  # (R, nkv, L, hs)
+            values = self._gather(vp, self.decode_tables, L)
+            qd = q[0, :, self.decode_rows].transpose(0, 1)[:, :, None]  # (R, nh, 1, hs)
+            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self._decode_mask(window, L, q.dtype),
+                                                 scale=scale, enable_gqa=gqa)  # (R, nh, 1, hs)
+            y[0, :, self.decode_rows] = out[:, :, 0].transpose(0, 1)
+        for s in self.prefill:
+            L = s.context + s.length
+            table = torch.tensor(s.block_table[: -(-L // self.block_size)], device=self.device)[None]
+            keys, values = self._gather(kp, table, L), self._gather(vp, table, L)  # (1, nkv, L, hs)
+            qs = q[:, :, s.start:s.start + s.length]
+            plain = s.context == 0 and (window == 0 or window >= L)
+            mask = None if plain else attention_bias(torch.arange(s.context, L, device=self.device), L, window, q.dtype)
+            y[:, :, s.start:s.start + s.length] = F.scaled_dot_product_attention(
+                qs, keys, values, attn_mask=mask, is_causal=plain, scale=scale, enable_gqa=gqa)
+        return y
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for pool in (*self.k, *self.v):
+            pool[dst].copy_(pool[src])
