@@ -103,6 +103,7 @@ class Delta:
     text: str
     logprobs: list[TokenLogprobs]
     finish_reason: str | None = None
+    generated: int = 0  # tokens this step generated: token_ids, plus a stop id (usage counts it)
 
     @property
     def finished(self) -> bool:
@@ -244,6 +245,7 @@ class Engine:
     def _advance(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> Delta:
         st, out = seq.data, seq.data.out
         new_ids, new_lps, text = [], [], []
+        before = out.num_tokens
         self.generated_tokens += 1
         out.num_tokens += 1
         if token in st.eos:
@@ -277,7 +279,7 @@ class Engine:
         if finish is not None:
             out.finish_reason = finish
             self.scheduler.remove(seq)
-        return Delta(st.request_id, st.index, new_ids, piece, new_lps, finish)
+        return Delta(st.request_id, st.index, new_ids, piece, new_lps, finish, out.num_tokens - before)
 
     # ---- whole requests ----
     def generate(self, prompts: str | Seq[int] | list, sampling: Sampling | list[Sampling] | None = None,

@@ -1,0 +1,85 @@
+"""`gptlab serve`: the OpenAI-compatible server (gptlab.serve.app) under uvicorn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from gptlab.cli import command
+from gptlab.errors import GptlabError
+
+
+@command("serve")
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_batch: int = 32,
+    max_batched_tokens: int = 512,
+    kv_cache_memory: str | None = None,
+    thinking_budget: int | None = None,
+    max_tokens: int | None = None,
+    max_n: int = 16,
+    max_waiting: int = 256,
+    dtype: str | None = None,
+    device: str = "cpu",
+    log_level: str = "info",
+) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API, with a chat playground at http://HOST:PORT/.
+
+    /v1/completions and /v1/chat/completions (streaming, n, stop, seed, logprobs, Qwen3 reasoning apart as
+    reasoning_content and a thinking_token_budget), /v1/models, /health, /metrics, /tokenize, /detokenize.
+    Binds to 127.0.0.1 unless told otherwise; SIGTERM finishes the requests in flight, then exits.
+    docs/serving.md has every field.
+
+    Args:
+        model: HF model dir or hub id
+        host: address to bind (0.0.0.0 exposes it to the network: set --api-key)
+        port: TCP port
+        api_key: require `Authorization: Bearer KEY` (default: $GPTLAB_API_KEY; none: open)
+        served_model_name: the `model` name clients use (default: MODEL as given)
+        max_batch: sequences generated at once
+        max_batched_tokens: tokens per forward pass (prompt chunks + decodes)
+        kv_cache_memory: KV-cache pool, e.g. 2GiB (default: max_batch contexts, <= 2 GiB)
+        thinking_budget: default reasoning-token budget for chat (requests may override)
+        max_tokens: the largest max_tokens a request may ask (default: the context)
+        max_n: the largest n a request may ask
+        max_waiting: queued requests; more are answered 503
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's)
+        device: cpu, cuda, ...
+        log_level: uvicorn's: critical, error, warning, info, debug
+    """
+    import uvicorn
+
+    from gptlab.formats import hf
+    from gptlab.serve.app import ServeConfig, create_app
+
+    if not 0 <= port <= 65535:
+        raise GptlabError(f"port must be in 0..65535, got {port}")
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        raise GptlabError(f"log_level must be critical, error, warning, info or debug, got {log_level!r}")
+    hf.read_config(hf.resolve(model, hf.HUB_CONFIG_PATTERNS))  # a bad model fails here, before the server starts
+    key = api_key or os.environ.get("GPTLAB_API_KEY") or None
+    cfg = ServeConfig(model=model, served_model_name=served_model_name, api_key=key, max_batch=max_batch,
+                      max_batched_tokens=max_batched_tokens, kv_cache_memory=kv_cache_memory,
+                      thinking_budget=thinking_budget, max_tokens=max_tokens, max_n=max_n, max_waiting=max_waiting,
+                      dtype=dtype, device=device)
+    app = create_app(cfg)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=60))
+    state = app.state.gptlab
+
+    def failed(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        server.should_exit = True
+
+    state.on_error = failed
+    if host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    # uvicorn drains on SIGTERM, then raises the signal again once it is done: let that end run(), not Python
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 1 if state.load_error else 0
