@@ -123,6 +123,7 @@ async def load(port: int, model: str, streams: int, requests: int, prompt: str, 
     t0 = time.perf_counter()
     results = [r for w in await asyncio.gather(*[worker() for _ in range(streams)]) for r in w]
     wall = time.perf_counter() - t0
+    await client.close()
     tokens = sum(r[0] for r in results)
     gaps = [g for r in results for g in r[2]]
     return {"tok_s": tokens / wall, "ttft": statistics.median(r[1] for r in results),

@@ -63,6 +63,7 @@ class PagedCache:
             self.decode_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode],
                                               device=dev)  # (R, blocks); padding points at block 0, masked off
             self.decode_pos = torch.tensor([s.context for s in decode], device=dev)  # (R,)
+            self.decode_len = max(s.context for s in decode) + 1  # keys the longest decode row reads
         self._masks: dict[int, torch.Tensor] = {}
         return torch.tensor(pos, dtype=torch.long, device=dev)[None, :]
 
@@ -103,7 +104,7 @@ class PagedCache:
         gqa = nh != nkv
         window = self.windows[layer]
         if self.decode_rows is not None:
-            L = int(self.decode_pos.max()) + 1
+            L = self.decode_len
             keys = self._gather(kp, self.decode_tables, L)  # (R, nkv, L, hs)
             values = self._gather(vp, self.decode_tables, L)
             qd = q[0, :, self.decode_rows].transpose(0, 1)[:, :, None]  # (R, nh, 1, hs)

@@ -5,7 +5,8 @@ is the memory bandwidth a kernel reaches. On AVX2 machines torch's default BLAS 
 about half the machine's read bandwidth; gptlab picks, per call:
 
 - `gemv.c` (ours, AVX2 + FMA) for up to `MAX_ROWS` rows with fp32 or bf16 row-major (out, in) weights,
-  which is how gptlab.load lays out every family (GPT-2's Conv1D weights are transposed once there).
+  which is how gptlab.load lays out every family (GPT-2's Conv1D weights are transposed once there): batch-1
+  decode, and an engine step's decode tokens.
   bf16 weights are half the bytes, and this works on CPUs without bf16 arithmetic, where torch emulates
   it: there gemv.c takes bf16 products of any row count (prefill too), 3-4x faster than the emulation. Compiled once with the system C compiler into the user cache (`$GPTLAB_CACHE`, else
   `$XDG_CACHE_HOME/gptlab`, else ~/.cache/gptlab) and loaded with ctypes; no compiler, another CPU or
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 8  # our kernel reuses each weight chunk for every row; past ~8 rows a blocked GEMM wins
+MAX_ROWS = 8  # rows gemv.c takes where torch's GEMMs have AVX-512 (or bf16 units): past that they win
+AVX2_MAX_ROWS = 32  # on AVX2-only CPUs gemv.c's 4 x 3 tiles keep up with oneDNN to ~32 rows (GPT-2, Qwen3 shapes)
 ONEDNN_MAX_ROWS = 128  # measured crossover with the default path for 768..3072-wide layers
 LARGE_OUT = 8192  # vocabulary-sized heads: oneDNN is faster at every row count measured (up to 1024)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
@@ -110,6 +112,12 @@ def _onednn() -> bool:
 
 
 @functools.cache
+def _max_rows() -> int:
+    """fp32 rows gemv.c takes: more on AVX2-only CPUs, where torch's own GEMMs have no AVX-512 either."""
+    return AVX2_MAX_ROWS if torch.backends.cpu.get_cpu_capability() == "AVX2" else MAX_ROWS
+
+
+@functools.cache
 def _native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16 matmuls
     several times slower than gemv.c reads bf16 weights, at any row count we measured (8 to 512)."""
@@ -140,7 +148,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if x.device.type != "cpu" or weight.dim() != 2 or x.dtype != dtype or (bias is not None and bias.dtype != dtype):
         return None
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    ours = rows <= MAX_ROWS if dtype == torch.float32 else dtype == torch.bfloat16 and (rows <= MAX_ROWS or not _native_bf16())
+    few = rows <= _max_rows()
+    ours = few if dtype == torch.float32 else dtype == torch.bfloat16 and (rows <= MAX_ROWS or not _native_bf16())
     if ours and rows > 0 and weight.is_contiguous() and (lib := _gemv()) is not None:
         return _gemv_linear(x, weight, bias, lib)
     if dtype == torch.float32 and (rows <= ONEDNN_MAX_ROWS or weight.shape[0] >= LARGE_OUT) and _onednn():
@@ -151,7 +160,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def status() -> dict[str, str]:
     """{kernel: "in use" or the reason it is not}, building what is not yet built."""
     return {
-        "gemv": (f"in use (AVX2; fp32 up to {MAX_ROWS} rows, bf16 "
+        "gemv": (f"in use (AVX2; fp32 up to {_max_rows()} rows, bf16 "
                  + (f"up to {MAX_ROWS} rows)" if _native_bf16() else "at any row count: this CPU has no bf16 arithmetic)"))
         if _gemv() else _why_not["gemv"],
         "onednn": "in use (fp32, up to %d rows and vocabulary heads)" % ONEDNN_MAX_ROWS if _onednn() else _why_not["onednn"],

@@ -98,8 +98,8 @@ def kv_cache_bytes(config: Config, seq_len: int | None = None, batch_size: int =
                    dtype: torch.dtype | str = torch.bfloat16) -> int:
     """Bytes of a KV cache for `batch_size` rows of `seq_len` tokens (default: the full context).
 
-    Keys and values, every layer, n_kv_head * head_dim per token (GQA/MQA shrink it); gptlab's static cache
-    (`GPT.setup_cache`) keeps every slot even for local-window layers, so windows do not reduce it.
+    Keys and values, every layer, n_kv_head * head_dim per token (GQA/MQA shrink it); gptlab's caches keep
+    every slot even for local-window layers, so windows do not reduce it.
     """
     seq_len = config.context_length if seq_len is None else seq_len
     per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim
