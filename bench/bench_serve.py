@@ -1,7 +1,8 @@
 """Serving throughput: gptlab serve vs transformers serve --continuous-batching, same checkpoints, one run.
 
-Builds random-weight checkpoints (a Qwen3-shaped 8 layers x 512, vocab 8,000; GPT-2 124M), starts each
-server in turn on loopback, and drives 1, 8 and 32 concurrent streaming completions (a 32-token prompt,
+Builds random-weight checkpoints (a Qwen3-shaped 8 layers x 512, vocab 8,000; GPT-2 124M), starts both
+servers on loopback, and drives 1, 8 and 32 concurrent streaming completions, alternating the servers round
+by round and keeping each one's fastest round (a 32-token prompt,
 128 new tokens, greedy) with the official `openai` client. Prints, per server and concurrency: aggregate
 generated tokens/s, median time to first token, median inter-token latency, and the ratios.
 
@@ -51,6 +52,9 @@ def build(kind: str, root: Path) -> Path:
     else:
         cfg = T.GPT2Config(vocab_size=vocab, eos_token_id=0, bos_token_id=0)
     model = T.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # spread the logits (as the tests do), so greedy decoding does not sit on one token
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path)
     tok.save(path)
     return path
@@ -136,6 +140,7 @@ def main() -> None:
     ap.add_argument("--servers", nargs="+", default=["gptlab", "transformers"], choices=["gptlab", "transformers"])
     ap.add_argument("--streams", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=2, help="streamed completions per concurrent client")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per server and concurrency")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
@@ -144,21 +149,27 @@ def main() -> None:
     print(f"{args.threads} threads; prompt ~32 tokens, {args.max_tokens} new tokens, greedy, "
           f"{args.requests} requests per stream", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        table = {}
+        table: dict = {}
         for kind in args.models:
             path = build(kind, Path(tmp))
-            for server in args.servers:
-                port = _port()
-                proc = start(server, path, port, args.threads)
-                try:
-                    wait_up(port, proc)
-                    for n in args.streams:
-                        r = asyncio.run(load(port, str(path), n, args.requests, prompt, args.max_tokens))
-                        table[(kind, server, n)] = r
+            ports = {server: _port() for server in args.servers}
+            procs = {server: start(server, path, ports[server], args.threads) for server in args.servers}
+            try:
+                for server in args.servers:
+                    wait_up(ports[server], procs[server])
+                for n in args.streams:
+                    for _ in range(args.rounds):  # alternate the servers: a slow spell of the machine hits both
+                        for server in args.servers:
+                            r = asyncio.run(load(ports[server], str(path), n, args.requests, prompt, args.max_tokens))
+                            table.setdefault((kind, server, n), []).append(r)
+                    for server in args.servers:
+                        r = best(table[(kind, server, n)])
                         print(f"{kind:6s} {server:12s} {n:3d} streams: {r['tok_s']:8.1f} tok/s  "
                               f"ttft {1000 * r['ttft']:7.0f} ms  itl {1000 * r['itl']:6.1f} ms", flush=True)
-                finally:
+            finally:
+                for proc in procs.values():
                     os.killpg(proc.pid, signal.SIGTERM)
+                for proc in procs.values():
                     try:
                         proc.wait(timeout=60)
                     except subprocess.TimeoutExpired:
@@ -168,9 +179,14 @@ def main() -> None:
             for n in args.streams:
                 ours, peer = table.get((kind, "gptlab", n)), table.get((kind, "transformers", n))
                 one_stream = table.get((kind, "gptlab", args.streams[0]))
-                vs = f"{ours['tok_s'] / peer['tok_s']:.2f}x" if ours and peer else "-"
-                scale = f"{ours['tok_s'] / one_stream['tok_s']:.2f}x" if ours and one_stream else "-"
+                vs = f"{best(ours)['tok_s'] / best(peer)['tok_s']:.2f}x" if ours and peer else "-"
+                scale = f"{best(ours)['tok_s'] / best(one_stream)['tok_s']:.2f}x" if ours and one_stream else "-"
                 print(f"  {kind:6s} {n:3d} streams: vs transformers {vs:>7s}   vs our 1 stream {scale:>7s}")
+
+
+def best(rounds: list[dict]) -> dict:
+    """The fastest round: other tenants of a shared machine only ever slow a round down."""
+    return max(rounds, key=lambda r: r["tok_s"])
 
 
 if __name__ == "__main__":

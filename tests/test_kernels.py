@@ -120,7 +120,8 @@ def _status_in_subprocess(env: dict[str, str]) -> tuple[dict[str, str], bool]:
 
 def test_disabled_by_environment():
     status, works = _status_in_subprocess({"GPTLAB_KERNELS": "0"})
-    assert status == {"gemv": "GPTLAB_KERNELS=0", "onednn": "GPTLAB_KERNELS=0"} and works
+    assert status == {"attention": "GPTLAB_KERNELS=0", "gemv": "GPTLAB_KERNELS=0", "onednn": "GPTLAB_KERNELS=0"}
+    assert works
 
 
 @needs_gemv  # where gemv.c can be built at all, a missing compiler is the only reason it is not
@@ -151,3 +152,46 @@ def test_decode_with_kernels_matches_plain_f_linear(tiny_gpt2_dir):
     with torch.enable_grad():
         slow = model(torch.tensor(prompt))
     _close(fast, slow.detach())
+
+
+needs_attention = pytest.mark.skipif(kernels._attention() is None,
+                                     reason=f"attention kernel not here: {kernels.status()['attention']}")
+
+
+@needs_attention
+@pytest.mark.parametrize("nh,nkv,hs,bs", [(4, 4, 16, 4), (8, 2, 64, 16), (6, 3, 20, 5), (2, 1, 128, 16)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_paged_decode_equals_gathered_sdpa(nh, nkv, hs, bs, window):
+    g = torch.Generator().manual_seed(nh * 100 + hs + bs + window)
+    blocks = 24
+    kp, vp = (torch.randn(blocks, bs, nkv, hs, generator=g) for _ in range(2))
+    lengths = [1, 5, bs * 3 + 1, 17]
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:6] for _ in lengths])  # scattered blocks
+    pos = torch.tensor(lengths) - 1
+    first = (pos - window + 1).clamp(min=0) if window else torch.zeros_like(pos)
+    q = torch.randn(len(lengths), nh, hs, generator=g)
+    scale = hs ** -0.5
+    got = kernels.paged_decode(q, kp, vp, tables, first, pos + 1, scale)
+    for r, n in enumerate(lengths):
+        slots = [int(tables[r, j // bs]) * bs + j % bs for j in range(int(first[r]), n)]
+        k = kp.reshape(-1, nkv, hs)[slots].transpose(0, 1)  # (nkv, L, hs)
+        v = vp.reshape(-1, nkv, hs)[slots].transpose(0, 1)
+        ref = F.scaled_dot_product_attention(q[r][:, None], k, v, scale=scale, enable_gqa=nh != nkv)[:, 0]
+        _close(got[r], ref)
+
+
+@needs_attention
+def test_paged_decode_does_not_depend_on_thread_count_and_refuses_what_it_cannot_do():
+    kp, vp = torch.randn(8, 4, 2, 32), torch.randn(8, 4, 2, 32)
+    args = (torch.randn(3, 4, 32), kp, vp, torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.zeros(3, dtype=torch.long),
+            torch.tensor([3, 8, 6]), 0.2)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.paged_decode(*args)
+        torch.set_num_threads(2)
+        two = kernels.paged_decode(*args)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+    assert kernels.paged_decode(args[0].bfloat16(), kp.bfloat16(), vp.bfloat16(), *args[3:]) is None  # fp32 only

@@ -104,6 +104,7 @@ class Delta:
     logprobs: list[TokenLogprobs]
     finish_reason: str | None = None
     generated: int = 0  # tokens this step generated: token_ids, plus a stop id (usage counts it)
+    cached: int = 0  # prompt tokens this sample took from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -279,7 +280,7 @@ class Engine:
         if finish is not None:
             out.finish_reason = finish
             self.scheduler.remove(seq)
-        return Delta(st.request_id, st.index, new_ids, piece, new_lps, finish, out.num_tokens - before)
+        return Delta(st.request_id, st.index, new_ids, piece, new_lps, finish, out.num_tokens - before, seq.num_cached)
 
     # ---- whole requests ----
     def generate(self, prompts: str | Seq[int] | list, sampling: Sampling | list[Sampling] | None = None,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gptlab import kernels
 from gptlab.models.kvcache import attention_bias
 
 
@@ -64,6 +65,7 @@ class PagedCache:
                                               device=dev)  # (R, blocks); padding points at block 0, masked off
             self.decode_pos = torch.tensor([s.context for s in decode], device=dev)  # (R,)
             self.decode_len = max(s.context for s in decode) + 1  # keys the longest decode row reads
+            self._first: dict[int, torch.Tensor] = {}  # per window: each decode row's first visible key
         self._masks: dict[int, torch.Tensor] = {}
         return torch.tensor(pos, dtype=torch.long, device=dev)[None, :]
 
@@ -104,13 +106,20 @@ class PagedCache:
         gqa = nh != nkv
         window = self.windows[layer]
         if self.decode_rows is not None:
-            L = self.decode_len
-            keys = self._gather(kp, self.decode_tables, L)  # (R, nkv, L, hs)
-            values = self._gather(vp, self.decode_tables, L)
-            qd = q[0, :, self.decode_rows].transpose(0, 1)[:, :, None]  # (R, nh, 1, hs)
-            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self._decode_mask(window, L, q.dtype),
-                                                 scale=scale, enable_gqa=gqa)  # (R, nh, 1, hs)
-            y[0, :, self.decode_rows] = out[:, :, 0].transpose(0, 1)
+            qd = q[0, :, self.decode_rows].transpose(0, 1)  # (R, nh, hs)
+            if window not in self._first:
+                self._first[window] = (self.decode_pos - window + 1).clamp(min=0) if window else \
+                    torch.zeros_like(self.decode_pos)
+            # in place from the pool where the kernel runs (fp32 on x86 CPUs); else gathered, then SDPA
+            out = kernels.paged_decode(qd, kp, vp, self.decode_tables, self._first[window], self.decode_pos + 1,
+                                       scale if scale is not None else qd.shape[-1] ** -0.5)
+            if out is None:
+                L = self.decode_len
+                keys = self._gather(kp, self.decode_tables, L)  # (R, nkv, L, hs)
+                values = self._gather(vp, self.decode_tables, L)
+                out = F.scaled_dot_product_attention(qd[:, :, None], keys, values, scale=scale, enable_gqa=gqa,
+                                                     attn_mask=self._decode_mask(window, L, q.dtype))[:, :, 0]
+            y[0, :, self.decode_rows] = out.transpose(0, 1)
         for s in self.prefill:
             L = s.context + s.length
             table = torch.tensor(s.block_table[: -(-L // self.block_size)], device=self.device)[None]

@@ -38,7 +38,6 @@ AVX2_MAX_ROWS = 32  # on AVX2-only CPUs gemv.c's 4 x 3 tiles keep up with oneDNN
 ONEDNN_MAX_ROWS = 128  # measured crossover with the default path for 768..3072-wide layers
 LARGE_OUT = 8192  # vocabulary-sized heads: oneDNN is faster at every row count measured (up to 1024)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-SOURCE = Path(__file__).with_name("gemv.c")
 
 _why_not: dict[str, str] = {}
 
@@ -52,49 +51,85 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-@functools.cache
-def _gemv() -> ctypes.CDLL | None:
-    """Build (once per source, flags and torch version) and load gemv.c; None, with the reason kept, if not here."""
+def _build(name: str) -> ctypes.CDLL | None:
+    """Build (once per source, flags and torch version) and load NAME.c; None, with the reason kept, if not here."""
     if not enabled():
-        _why_not["gemv"] = "GPTLAB_KERNELS=0"
+        _why_not[name] = "GPTLAB_KERNELS=0"
         return None
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _why_not["gemv"] = f"needs Linux on x86-64 (this is {sys.platform}/{platform.machine()})"
+        _why_not[name] = f"needs Linux on x86-64 (this is {sys.platform}/{platform.machine()})"
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
-        _why_not["gemv"] = f"needs AVX2 (torch reports {capability})"
+        _why_not[name] = f"needs AVX2 (torch reports {capability})"
         return None
     if "libgomp" not in Path("/proc/self/maps").read_text():
-        _why_not["gemv"] = "torch here does not use GNU OpenMP; a second OpenMP runtime would fight it for cores"
+        _why_not[name] = "torch here does not use GNU OpenMP; a second OpenMP runtime would fight it for cores"
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        _why_not["gemv"] = "no C compiler (set CC, or install gcc)"
+        _why_not[name] = "no C compiler (set CC, or install gcc)"
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + [torch.__version__]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"gemv-{key}.so"
+    source = Path(__file__).with_name(f"{name}.c")
+    key = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS + [torch.__version__]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"{name}-{key}.so"
     if not lib.exists():
         tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
         try:
             lib.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True,
+            subprocess.run([compiler, *CFLAGS, str(source), "-o", str(tmp), "-lm"], check=True, capture_output=True,
                            text=True, timeout=120)
             os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
-            _why_not["gemv"] = f"could not compile {SOURCE.name} with {compiler}: {detail.strip().splitlines()[-1]}"
+            _why_not[name] = f"could not compile {source.name} with {compiler}: {detail.strip().splitlines()[-1]}"
             tmp.unlink(missing_ok=True)
             return None
     try:
-        cdll = ctypes.CDLL(str(lib))
+        return ctypes.CDLL(str(lib))
     except OSError as e:
-        _why_not["gemv"] = f"could not load {lib}: {e}"
+        _why_not[name] = f"could not load {lib}: {e}"
         return None
-    for fn in (cdll.gptlab_linear_f32, cdll.gptlab_linear_bf16):
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+
+
+@functools.cache
+def _gemv() -> ctypes.CDLL | None:
+    cdll = _build("gemv")
+    if cdll is not None:
+        for fn in (cdll.gptlab_linear_f32, cdll.gptlab_linear_bf16):
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+            fn.restype = None
+    return cdll
+
+
+@functools.cache
+def _attention() -> ctypes.CDLL | None:
+    cdll = _build("attention")
+    if cdll is not None:
+        fn = cdll.gptlab_paged_decode_f32
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
         fn.restype = None
     return cdll
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                 first: torch.Tensor, last: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Decode attention read in place from a paged KV pool (attention.c), or None where it cannot run here
+    (the caller gathers and uses SDPA). q (R, nh, hs); pools (blocks, bs, nkv, hs); tables (R, width);
+    row r attends to positions first[r] .. last[r] - 1. Returns (R, nh, hs)."""
+    lib = _attention()
+    if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu" \
+            or q.shape[-1] > 512 or q.shape[1] // k_pool.shape[2] > 16:
+        return None
+    R, nh, hs = q.shape
+    _, bs, nkv, _ = k_pool.shape
+    q = q.contiguous()
+    tables, first, last = (t.to(torch.int64).contiguous() for t in (tables, first, last))
+    out = torch.empty_like(q)
+    lib.gptlab_paged_decode_f32(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(),
+                                first.data_ptr(), last.data_ptr(), out.data_ptr(), R, nh, nkv, hs, bs,
+                                tables.shape[1], scale)
+    return out
 
 
 @functools.cache
@@ -160,6 +195,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def status() -> dict[str, str]:
     """{kernel: "in use" or the reason it is not}, building what is not yet built."""
     return {
+        "attention": "in use (fp32 paged decode)" if _attention() else _why_not["attention"],
         "gemv": (f"in use (AVX2; fp32 up to {_max_rows()} rows, bf16 "
                  + (f"up to {MAX_ROWS} rows)" if _native_bf16() else "at any row count: this CPU has no bf16 arithmetic)"))
         if _gemv() else _why_not["gemv"],

@@ -94,7 +94,7 @@ class State:
         engine = Engine(model, tokenizer, EngineConfig(max_batch=c.max_batch, max_batched_tokens=c.max_batched_tokens,
                                                        kv_cache_memory=c.kv_cache_memory, max_waiting=c.max_waiting))
         self.model, self.tokenizer = model, tokenizer
-        self.metrics = Metrics(engine.stats)
+        self.metrics = Metrics(lambda: self.engine.stats())
         self.engine = AsyncEngine(engine, self.metrics)
         if tokenizer.chat_template:
             from gptlab.infer.chat import end_of_turn
@@ -169,7 +169,7 @@ def _token_ids(state: State, prompt) -> list[list[int]]:
 
 async def _submit(state: State, ids: list[int], s: Sampling):
     try:
-        return state.engine.submit(ids, s)
+        return await state.engine.submit(ids, s)
     except QueueFull as e:
         raise ApiError(503, f"{e}; try again shortly", type="server_error", code="queue_full") from None
     except GptlabError as e:
@@ -280,9 +280,8 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
 
         async def work():
             for p, (rid, queue) in enumerate(subs):
-                async for d in state.engine.deltas(rid, queue):
+                async for d in state.engine.deltas(rid, queue, req.n):
                     job.add(p, d)
-                job.cached += state.engine.num_cached(rid)
             return job.response()
 
         return await _wait(request, state, rids, work())
@@ -310,9 +309,8 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
             return StreamingResponse(_stream_chat(state, job, rid, queue, req), media_type="text/event-stream")
 
         async def work():
-            async for d in state.engine.deltas(rid, queue):
+            async for d in state.engine.deltas(rid, queue, req.n):
                 job.add(d)
-            job.cached = state.engine.num_cached(rid)
             return job.response()
 
         return await _wait(request, state, [rid], work())
@@ -353,9 +351,8 @@ async def _stream_completion(state: State, job, subs, req):
         for p, (rid, queue) in enumerate(subs):
             for chunk in job.first_chunks(p):
                 yield _sse(chunk)
-            async for d in state.engine.deltas(rid, queue):
+            async for d in state.engine.deltas(rid, queue, req.n):
                 yield _sse(job.chunk(p, d))
-            job.cached += state.engine.num_cached(rid)
         if req.stream_options and req.stream_options.include_usage:
             yield _sse(job.usage_chunk())
         yield "data: [DONE]\n\n"
@@ -368,10 +365,9 @@ async def _stream_chat(state: State, job, rid, queue, req):
     try:
         for chunk in job.first_chunks():
             yield _sse(chunk)
-        async for d in state.engine.deltas(rid, queue):
+        async for d in state.engine.deltas(rid, queue, req.n):
             for chunk in job.chunks(d):
                 yield _sse(chunk)
-        job.cached = state.engine.num_cached(rid)
         if req.stream_options and req.stream_options.include_usage:
             yield _sse(job.usage_chunk())
         yield "data: [DONE]\n\n"

@@ -57,6 +57,8 @@ class Completion(_Job):
 
     def add(self, prompt: int, d: Delta) -> _Choice:
         c = self.choices[prompt * self.n + d.index]
+        if d.index == 0 and d.finished:
+            self.cached += d.cached  # once per prompt
         c.text += d.text
         c.tokens += d.generated
         c.finish = d.finish_reason or c.finish
@@ -114,6 +116,8 @@ class Chat(_Job):
 
     def _feed(self, d: Delta) -> tuple[str, str]:
         c = self.choices[d.index]
+        if d.index == 0 and d.finished:
+            self.cached = d.cached
         reasoning, answer = self.splitters[d.index].feed(d.text, final=d.finished)
         c.reasoning += reasoning
         c.text += answer
