@@ -102,11 +102,12 @@ class PagedCache:
         flat = kp.shape[0] * kp.shape[1]
         kp.view(flat, *kp.shape[2:]).index_copy_(0, self.slots, k[0].transpose(0, 1))  # (N, nkv, hs) -> slots
         vp.view(flat, *vp.shape[2:]).index_copy_(0, self.slots, v[0].transpose(0, 1))
-        y = torch.empty_like(q)  # (1, nh, N, hs)
         gqa = nh != nkv
         window = self.windows[layer]
+        only_decode = not self.prefill  # the steady state: one token per sequence, in order
+        y = None if only_decode else torch.empty_like(q)  # (1, nh, N, hs)
         if self.decode_rows is not None:
-            qd = q[0, :, self.decode_rows].transpose(0, 1)  # (R, nh, hs)
+            qd = q[0].transpose(0, 1) if only_decode else q[0, :, self.decode_rows].transpose(0, 1)  # (R, nh, hs)
             if window not in self._first:
                 self._first[window] = (self.decode_pos - window + 1).clamp(min=0) if window else \
                     torch.zeros_like(self.decode_pos)
@@ -119,6 +120,8 @@ class PagedCache:
                 values = self._gather(vp, self.decode_tables, L)
                 out = F.scaled_dot_product_attention(qd[:, :, None], keys, values, scale=scale, enable_gqa=gqa,
                                                      attn_mask=self._decode_mask(window, L, q.dtype))[:, :, 0]
+            if only_decode:
+                return out.transpose(0, 1)[None]  # (1, nh, R, hs)
             y[0, :, self.decode_rows] = out.transpose(0, 1)
         for s in self.prefill:
             L = s.context + s.length
@@ -131,6 +134,3 @@ class PagedCache:
                 qs, keys, values, attn_mask=mask, is_causal=plain, scale=scale, enable_gqa=gqa)
         return y
 
-    def copy_block(self, src: int, dst: int) -> None:
-        for pool in (*self.k, *self.v):
-            pool[dst].copy_(pool[src])

@@ -171,11 +171,15 @@ def sample_rows(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], list[
     the row asks for them."""
     logits = logits.float()
     raw = logits.log_softmax(dim=-1) if any(r.sampling.logprobs is not None for r in rows) else None
-    _penalise(logits, rows)
+    if any(r.sampling.repetition_penalty != 1.0 or r.sampling.no_repeat_ngram_size or r.sampling.presence_penalty
+           or r.sampling.frequency_penalty for r in rows):
+        _penalise(logits, rows)
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     greedy = [i for i, r in enumerate(rows) if r.sampling.greedy]
     drawn = [i for i, r in enumerate(rows) if not r.sampling.greedy]
-    if greedy:
+    if len(greedy) == len(rows):
+        chosen = logits.argmax(dim=-1)
+    elif greedy:
         chosen[greedy] = logits[greedy].argmax(dim=-1)
     if drawn:
         chosen[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])

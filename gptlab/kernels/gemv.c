@@ -74,13 +74,15 @@ static inline void dot4(const void *W, int64_t r, const float *x, int64_t K, int
  * weight vector feeds three FMAs (the one-input loop is bound by loads, this one by FMAs). Every output is
  * summed exactly as dot4 sums it, so a row's result does not depend on the rows beside it. */
 static inline void dot4x3(const void *W, int64_t r, const float *x0, const float *x1, const float *x2, int64_t K,
-                          int bf16, float out[3][4]) {
+                          int bf16, float out[3][4], const char *next) {
     const void *w[4] = {row(W, r, K, bf16), row(W, r + 1, K, bf16), row(W, r + 2, K, bf16), row(W, r + 3, K, bf16)};
     __m256 a[3][4];
     for (int m = 0; m < 3; m++)
         for (int j = 0; j < 4; j++) a[m][j] = _mm256_setzero_ps();
-    int64_t i = 0;
+    int64_t i = 0, line = 0, lines = next ? 4 * K * (bf16 ? 2 : 4) / 64 : 0;
     for (; i + 8 <= K; i += 8) {
+        for (int p = 0; p < 2 && line < lines; p++)  /* the next block's rows, while this one computes */
+            _mm_prefetch(next + 64 * line++, _MM_HINT_T0);
         __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i), v2 = _mm256_loadu_ps(x2 + i);
         for (int j = 0; j < 4; j++) {
             __m256 wv = load8(w[j], i, bf16);
@@ -91,6 +93,31 @@ static inline void dot4x3(const void *W, int64_t r, const float *x0, const float
     }
     const float *xs[3] = {x0, x1, x2};
     for (int m = 0; m < 3; m++)
+        for (int j = 0; j < 4; j++) {
+            float s = hsum(a[m][j]);
+            for (int64_t t = i; t < K; t++) s += load1(w[j], t, bf16) * xs[m][t];
+            out[m][j] = s;
+        }
+}
+
+/* the same for two inputs (the rows left over after the threes) */
+static inline void dot4x2(const void *W, int64_t r, const float *x0, const float *x1, int64_t K, int bf16,
+                          float out[2][4]) {
+    const void *w[4] = {row(W, r, K, bf16), row(W, r + 1, K, bf16), row(W, r + 2, K, bf16), row(W, r + 3, K, bf16)};
+    __m256 a[2][4];
+    for (int m = 0; m < 2; m++)
+        for (int j = 0; j < 4; j++) a[m][j] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= K; i += 8) {
+        __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+        for (int j = 0; j < 4; j++) {
+            __m256 wv = load8(w[j], i, bf16);
+            a[0][j] = _mm256_fmadd_ps(wv, v0, a[0][j]);
+            a[1][j] = _mm256_fmadd_ps(wv, v1, a[1][j]);
+        }
+    }
+    const float *xs[2] = {x0, x1};
+    for (int m = 0; m < 2; m++)
         for (int j = 0; j < 4; j++) {
             float s = hsum(a[m][j]);
             for (int64_t t = i; t < K; t++) s += load1(w[j], t, bf16) * xs[m][t];
@@ -114,9 +141,17 @@ static inline void linear(const float *X, const void *W, const float *b, float *
             if (r + 4 <= N) {
                 for (; m + 3 <= m1; m += 3) {
                     float out[3][4];
-                    dot4x3(W, r, X + m * K, X + (m + 1) * K, X + (m + 2) * K, K, bf16, out);
+                    const char *next = m == m0 && r + 8 <= N ? (const char *)row(W, r + 4, K, bf16) : 0;
+                    dot4x3(W, r, X + m * K, X + (m + 1) * K, X + (m + 2) * K, K, bf16, out, next);
                     for (int q = 0; q < 3; q++)
                         for (int j = 0; j < 4; j++) Y[(m + q) * N + r + j] = out[q][j] + (b ? b[r + j] : 0.0f);
+                }
+                if (m + 2 <= m1) {
+                    float out[2][4];
+                    dot4x2(W, r, X + m * K, X + (m + 1) * K, K, bf16, out);
+                    for (int q = 0; q < 2; q++)
+                        for (int j = 0; j < 4; j++) Y[(m + q) * N + r + j] = out[q][j] + (b ? b[r + j] : 0.0f);
+                    m += 2;
                 }
             }
             for (; m < m1; m++) {
