@@ -1,6 +1,7 @@
 """Serving throughput: gptlab serve vs transformers serve --continuous-batching, same checkpoints, one run.
 
-Builds random-weight checkpoints (a Qwen3-shaped 8 layers x 512, vocab 8,000; GPT-2 124M), starts both
+Builds random-weight checkpoints (a Qwen3-shaped 8 layers x 512; GPT-2 124M's 12 x 768; both with the
+8,000-token vocabulary of the tokenizer trained here, so every generated id decodes to text), starts both
 servers on loopback, and drives 1, 8 and 32 concurrent streaming completions, alternating the servers round
 by round and keeping each one's fastest round (a 32-token prompt,
 128 new tokens, greedy) with the official `openai` client. Prints, per server and concurrency: aggregate
@@ -38,8 +39,8 @@ def build(kind: str, root: Path) -> Path:
     from gptlab.tokenizer import train_tokenizer
 
     path = root / kind
-    vocab = 8000 if kind == "qwen3" else 50257
-    tok = train_tokenizer(corpus_texts("python-docs"), vocab_size=min(vocab, 8000), show_progress=False,
+    vocab = 8000
+    tok = train_tokenizer(corpus_texts("python-docs"), vocab_size=vocab, show_progress=False,
                           special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
                          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
