@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,8 +31,10 @@ from gptlab.errors import GptlabError
 from gptlab.infer.paged import PagedCache, Segment
 from gptlab.infer.sampling import Row, Sampling, TokenLogprobs, sample_rows
 from gptlab.infer.scheduler import BlockManager, QueueFull, Scheduler, Sequence, Status
+from gptlab.infer.structured import Grammars
 from gptlab.infer.text import TextRow, fit_prompt, stop_ids
 from gptlab.infer.thinking import ThinkState, opened_by, thinking_tags
+from gptlab.models.lora import adapter_names, lora_routing
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "CompletionOutput", "Delta", "QueueFull", "parse_size"]
 
@@ -124,6 +127,9 @@ class _State:
     think: ThinkState
     out: CompletionOutput
     max_len: int  # prompt + max_new_tokens
+    matcher: Any = None  # the llguidance matcher of a constrained sample (structured.py)
+    masked: bool = False  # this step's token was sampled under the constraint (not inside a reasoning block)
+    adapter: str | None = None  # the named LoRA adapter its rows run through (None: the base model)
 
 
 _request_ids = itertools.count()
@@ -152,8 +158,18 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, cfg.max_batch, cfg.max_batched_tokens, cfg.max_waiting)
         self.tags = thinking_tags(tokenizer)
         self.requests: dict[str, list[Sequence]] = {}
+        self._grammars: Grammars | None = None
         self.generated_tokens = 0
         self.prompt_tokens = 0
+
+    @property
+    def grammars(self) -> Grammars:
+        """Constrained decoding's tokenizer and masks, built at the first constrained request (or by a server
+        at start-up: about a second for a 150k-token vocabulary)."""
+        if self._grammars is None:
+            c = self.model.config
+            self._grammars = Grammars(self.tokenizer, c.vocab_size, stop_ids(c, None, self.tokenizer))
+        return self._grammars
 
     # ---- requests ----
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -164,9 +180,15 @@ class Engine:
         return list(prompt)
 
     def add_request(self, prompt: str | Seq[int], sampling: Sampling | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (n samples of one prompt); returns its id. Raises QueueFull when the queue is."""
+                    request_id: str | None = None, adapter: str | None = None) -> str:
+        """Queue a request (n samples of one prompt); returns its id. Raises QueueFull when the queue is.
+
+        adapter: a named LoRA adapter of the model (gptlab.formats.peft.load_adapter(model, dir, name=...)):
+        this request's rows run through it, beside rows of the base and of other adapters in the same steps."""
         s = sampling or Sampling()
+        if adapter is not None and adapter not in adapter_names(self.model):
+            known = ", ".join(adapter_names(self.model)) or "none loaded"
+            raise GptlabError(f"no LoRA adapter named {adapter!r} (adapters: {known})")
         rid = request_id if request_id is not None else f"req-{next(_request_ids)}"
         if rid in self.requests:
             raise GptlabError(f"request id {rid!r} is already in use")
@@ -179,6 +201,7 @@ class Engine:
         if self.blocks.blocks_for(len(ids) + s.max_new_tokens) > self.blocks.num_blocks:
             raise GptlabError(f"prompt + max_new_tokens = {len(ids) + s.max_new_tokens} tokens does not fit the KV "
                               f"cache ({self.blocks.num_blocks} blocks of {self.config.block_size} tokens)")
+        grammar = self.grammars.compile(s.constraint) if s.constraint is not None else None
         seqs = []
         for i in range(s.n):
             gen = None
@@ -188,7 +211,11 @@ class Engine:
             state = _State(rid, i, s, eos, TextRow(self.tokenizer, s.stop) if self.tokenizer is not None else None,
                            gen, ThinkState(self.tags, s.thinking_budget, ids), CompletionOutput(i),
                            len(ids) + s.max_new_tokens)
-            seq = Sequence(list(ids), len(ids), state, leader=seqs[0] if seqs else None)
+            if grammar is not None:
+                state.matcher = self.grammars.matcher(s.constraint)
+            state.adapter = adapter
+            seq = Sequence(list(ids), len(ids), state, leader=seqs[0] if seqs else None,
+                           cache_salt=hash(("lora", adapter)) if adapter is not None else 0)
             self.scheduler.add(seq)
             seqs.append(seq)
         self.requests[rid] = seqs
@@ -220,13 +247,17 @@ class Engine:
         if not plan.seqs:
             return []
         ids, segments, start = [], [], 0
+        routes: dict[str, list[int]] = {}  # adapter -> its rows of the flattened batch
         for seq, n in zip(plan.seqs, plan.counts):
             ids += seq.tokens[seq.num_computed:seq.num_computed + n]
             segments.append(Segment(start, n, seq.num_computed, seq.block_table))
+            if seq.data.adapter is not None:
+                routes.setdefault(seq.data.adapter, []).extend(range(start, start + n))
             start += n
         positions = self.cache.prepare(segments)
-        hidden = self.model(torch.tensor([ids], device=self.device), positions=positions, cache=self.cache,
-                            return_hidden=True)  # (1, N, C)
+        with lora_routing({a: torch.tensor(r, device=self.device) for a, r in routes.items()}):
+            hidden = self.model(torch.tensor([ids], device=self.device), positions=positions, cache=self.cache,
+                                return_hidden=True)  # (1, N, C)
         sampling, last = [], []
         for seq, n, seg in zip(plan.seqs, plan.counts, segments):
             if seq.num_computed < seq.num_prompt:
@@ -239,6 +270,14 @@ class Engine:
         if not sampling:
             return []
         logits = self.model.lm_head(hidden[0, torch.tensor(last, device=self.device)])  # (R, V)
+        masked = []
+        for i, q in enumerate(sampling):
+            q.data.masked = q.data.matcher is not None and not q.data.think.inside  # reasoning runs free
+            if q.data.masked:
+                masked.append(i)
+        if masked:
+            self.grammars.mask(logits, masked, [sampling[i].data.matcher for i in masked],
+                               [sampling[i].data.eos for i in masked])
         rows = [Row(q.data.sampling, q.tokens, q.num_prompt, q.data.generator) for q in sampling]
         tokens, logprobs = sample_rows(logits, rows)
         return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
@@ -252,6 +291,7 @@ class Engine:
         if token in st.eos:
             finish = "stop"
         else:
+            complete = st.masked and self.grammars.advance(st.matcher, token)
             seq.tokens.append(token)
             forced = []
             st.think.on_token(token)
@@ -267,7 +307,7 @@ class Engine:
             if logprobs is not None:
                 new_lps.append(logprobs)
             finish = None
-            if st.text is not None and st.text.finished:
+            if complete or (st.text is not None and st.text.finished):
                 finish = "stop"
             elif len(seq.tokens) >= st.max_len or len(seq.tokens) >= self.model.config.context_length:
                 finish = "length"

@@ -7,6 +7,7 @@ batched workload, each row generating exactly what it would alone, and stop at t
     for piece in generate(model, tok, "Hello", stream=True): print(piece, end="")
     chat = PromptCache()                      # reuse the KV cache of a conversation across calls
     reply = generate(model, tok, history_text, cache=chat)
+    record = generate(model, tok, "A user:", json_schema={"type": "object", ...})   # always parses
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from gptlab.errors import GptlabError
 from gptlab.infer.engine import Engine, EngineConfig
 from gptlab.infer.sampling import Sampling
+from gptlab.infer.structured import Constraint
 from gptlab.infer.text import TextRow, stop_ids
 
 __all__ = ["generate", "generate_ids", "PromptCache", "Sampling", "TextRow", "stop_ids", "engine_for"]
@@ -56,9 +58,25 @@ class PromptCache:
         return self.engine
 
 
+_SHORTHANDS = {"json_schema": Constraint.json_schema, "regex": Constraint.regex, "choice": Constraint.choice,
+               "grammar": Constraint.lark}
+
+
+def _sampling(kwargs: dict) -> Sampling:
+    """Sampling from keyword arguments; json_schema=, regex=, choice= or grammar= stand for constraint=."""
+    given = [k for k in _SHORTHANDS if kwargs.get(k) is not None]
+    if len(given) + (kwargs.get("constraint") is not None) > 1:
+        raise GptlabError(f"pass one constraint at most (got {', '.join(given + ['constraint'] * ('constraint' in kwargs))})")
+    for k in _SHORTHANDS:
+        value = kwargs.pop(k, None)
+        if value is not None:
+            kwargs["constraint"] = _SHORTHANDS[k](value)
+    return Sampling(**kwargs)
+
+
 def generate_ids(model, prompts: Sequence[Sequence[int]], tokenizer=None, **sampling) -> list[list[int]]:
     """New token ids for each prompt (the stop id excluded), greedy unless temperature > 0."""
-    s = sampling.pop("sampling", None) or Sampling(**sampling)
+    s = sampling.pop("sampling", None) or _sampling(sampling)
     if s.n != 1:
         raise GptlabError("generate_ids takes n=1; use gptlab.infer.engine.Engine for several samples per prompt")
     prompts = [list(p) for p in prompts]
@@ -95,9 +113,10 @@ def generate(
 
     Returns the new text (without the prompt, stop strings or EOS); with stream=True (one prompt only), an
     iterator of text pieces as they are produced. cache: a `PromptCache` to reuse across calls (one prompt
-    only). Other keyword arguments are `Sampling` fields.
+    only). Other keyword arguments are `Sampling` fields; json_schema= (a dict), regex=, choice= (a list)
+    or grammar= (Lark) constrain the output (gptlab/infer/structured.py).
     """
-    s = Sampling(**sampling)
+    s = _sampling(sampling)
     if s.n != 1:
         raise GptlabError("generate takes n=1; use gptlab.infer.engine.Engine for several samples per prompt")
     single = isinstance(prompt, str)

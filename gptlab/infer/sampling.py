@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.infer.structured import Constraint
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Sampling:
     n: int = 1  # samples per prompt (they share the prompt's cached blocks)
     logprobs: int | None = None  # return the chosen token's log-probability and this many alternatives
     thinking_budget: int | None = None  # reasoning tokens before the answer is forced (gptlab/infer/thinking.py)
+    constraint: Constraint | None = None  # JSON schema / regex / choice / grammar the output must match (structured.py)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -59,6 +61,8 @@ class Sampling:
             raise GptlabError(f"n must be >= 1, got {self.n}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise GptlabError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise GptlabError(f"constraint must be a gptlab.infer.structured.Constraint, got {type(self.constraint).__name__}")
         if self.thinking_budget is not None and self.thinking_budget < 0:
             raise GptlabError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
 

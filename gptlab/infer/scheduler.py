@@ -5,7 +5,8 @@
 - The `BlockManager` hands out fixed-size blocks of the KV pool with reference counts. A block that is full
   gets a hash of its tokens and of everything before them, so a later sequence that starts with the same
   tokens (a system prompt, a chat history, the n samples of one prompt) reuses it instead of recomputing it
-  (prefix caching). A freed block keeps its contents and hash until it is handed out again, oldest first.
+  (prefix caching); a sequence's `cache_salt` (its LoRA adapter) starts the chain, so adapters never share.
+  A freed block keeps its contents and hash until it is handed out again, oldest first.
 - The `Scheduler` keeps a waiting queue and a running list. Each step: every running sequence gets its next
   token (or the rest of a prompt chunk); waiting sequences are admitted while the token budget, the batch
   limit and free blocks allow; a long prompt is prefilled in chunks so it does not stall the others. When
@@ -45,6 +46,8 @@ class Sequence:
     num_hashed: int = 0  # leading full blocks registered in the prefix cache
     num_cached: int = 0  # prompt tokens found in the prefix cache at the last admission
     leader: "Sequence | None" = None  # the first of n samples: admitted after its prompt is cached
+    cache_salt: int = 0  # starts its blocks' hash chain: sequences whose keys differ for the same tokens
+    # (a LoRA adapter's) never share cached blocks
     finish_reason: str | None = None
 
     def __len__(self) -> int:
@@ -87,7 +90,7 @@ class BlockManager:
         return 1.0 - len(self.free) / self.num_blocks
 
     def _hash(self, seq: Sequence, i: int) -> int:
-        prev = self.block_hash[seq.block_table[i - 1]] if i else 0
+        prev = self.block_hash[seq.block_table[i - 1]] if i else seq.cache_salt
         return hash((prev, tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])))
 
     def _take(self) -> int:
@@ -107,7 +110,7 @@ class BlockManager:
         """Give a waiting sequence the cached blocks of its longest cached prefix (whole blocks, never its last
         token, whose logits are needed); its other blocks are allocated as it computes."""
         bs = self.block_size
-        prev, reused = 0, []
+        prev, reused = seq.cache_salt, []
         for i in range((len(seq) - 1) // bs):  # full blocks that end before the last token
             chunk = tuple(seq.tokens[i * bs:(i + 1) * bs])
             h = hash((prev, chunk))
