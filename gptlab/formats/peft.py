@@ -24,7 +24,7 @@ import torch.nn as nn
 from gptlab.errors import GptlabError
 from gptlab.formats.files import read_json, staged_dir
 from gptlab.formats.weights import LinearSlice, linear_slices
-from gptlab.models.lora import LoRALinear, add_lora, is_lora_parameter, lora_layer_at, lora_layers
+from gptlab.models.lora import LoRALinear, adapter_names, add_lora, is_lora_parameter, lora_layer_at, lora_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -232,13 +232,25 @@ def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch
     return cfg, lora, extras
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> dict[str, torch.Tensor]:
     """Attach a PEFT LoRA adapter (gptlab- or PEFT-saved) to a gptlab GPT without LoRA layers; one adapter per
-    HF module in the file. Returns the other saved tensors (modules_to_save, e.g. {"score.weight": ...})."""
+    HF module in the file. Returns the other saved tensors (modules_to_save, e.g. {"score.weight": ...}).
+
+    name: load it as a named adapter beside others on the same base, for inference: it applies only to the
+    rows `lora_routing` sends it (the engine routes each request's rows by its adapter); nothing is unfrozen.
+    """
     path = Path(path)
-    if lora_layers(model):
+    if name is None and lora_layers(model):
         raise GptlabError("this model already has LoRA layers; use load_adapter_weights to refill them")
+    if name is not None:
+        if any(n is None for layer in lora_layers(model).values() for n in layer.names):
+            raise GptlabError("this model has a trainable (unnamed) LoRA; named adapters go on a plain base model")
+        if name in adapter_names(model):
+            raise GptlabError(f"an adapter named {name!r} is already loaded")
     cfg, lora, extras = _read_adapter(path)
+    if name is not None and extras:
+        raise GptlabError(f"{path} also saves whole modules ({', '.join(sorted(extras)[:3])}); a named adapter "
+                          f"served beside others can change LoRA weights only")
     alpha, rslora = float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0))
     by_hf = {p.hf: p for p in linear_slices(model)}
@@ -252,10 +264,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.T
         if A.shape[1] != layer.in_features or B.shape != (stop - start, A.shape[0]):
             raise GptlabError(f"{path}: {module} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, which do "
                               f"not fit a ({stop - start} x {layer.in_features}) layer")
-        k = layer.add_adapter(start, stop, A.shape[0], alpha, rslora)
+        k = layer.add_adapter(start, stop, A.shape[0], alpha, rslora, name=name)
         _fill(layer, k, p, A, B)
-    for name, param in model.named_parameters():
-        param.requires_grad_(is_lora_parameter(name))
+    if name is None:
+        for pname, param in model.named_parameters():
+            param.requires_grad_(is_lora_parameter(pname))
     return extras
 
 

@@ -6,10 +6,15 @@ so a plan names row spans: a LoRA on HF's `q_proj` is one on the q rows of our `
 or gptlab module name (`apply_lora(model, ["q_proj", "v_proj"])`) and PEFT's adapter files are
 gptlab/formats/peft.py, which reads each family's weight rows; this module knows no family.
 
+Many adapters on one base (serving, S-LoRA's idea): `load_adapter(model, dir, name=...)` adds a named
+adapter's slots beside the others; a named slot applies only to the token rows that `lora_routing` gives
+its name for the forward pass in progress, so one batch mixes base rows and rows of different adapters.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -22,6 +27,20 @@ from gptlab.models.model import Linear, linear
 
 # ---------------------------------------------------------------------------------------------------------
 # the layer
+
+# {adapter name: flat token-row indices (N,)} for the forward pass in progress (see lora_routing)
+_ROUTE: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar("lora_route", default=None)
+
+
+@contextlib.contextmanager
+def lora_routing(rows: dict[str, torch.Tensor]):
+    """Within the block, each named adapter applies to the given rows of the flattened (B*T) tokens only, and
+    named adapters absent from `rows` not at all. Unnamed (training) adapters always apply."""
+    token = _ROUTE.set(rows)
+    try:
+        yield
+    finally:
+        _ROUTE.reset(token)
 
 
 class LoRALinear(nn.Linear):
@@ -42,11 +61,14 @@ class LoRALinear(nn.Linear):
         self.spans: list[tuple[int, int]] = []
         self.scales: list[float] = []
         self.alphas: list[float] = []
+        self.names: list[str | None] = []  # the named adapter each slot belongs to; None: always on
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
 
-    def add_adapter(self, start: int, stop: int, r: int, alpha: float, rslora: bool = False) -> int:
-        """A new adapter on output rows [start, stop), initialised as PEFT does (A Kaiming-uniform, B = 0)."""
+    def add_adapter(self, start: int, stop: int, r: int, alpha: float, rslora: bool = False,
+                    name: str | None = None) -> int:
+        """A new adapter on output rows [start, stop), initialised as PEFT does (A Kaiming-uniform, B = 0);
+        a named one applies only where lora_routing sends it."""
         if self.merged:
             raise GptlabError("unmerge the LoRA weights before adding an adapter")
         w = self.weight
@@ -59,6 +81,7 @@ class LoRALinear(nn.Linear):
         self.spans.append((start, stop))
         self.alphas.append(float(alpha))
         self.scales.append(alpha / math.sqrt(r) if rslora else alpha / r)  # rsLoRA: Kalajdzievski 2023
+        self.names.append(name)
         return len(self.spans) - 1
 
     def delta(self, k: int) -> torch.Tensor:
@@ -70,9 +93,20 @@ class LoRALinear(nn.Linear):
         if self.merged or not self.spans:
             return y
         h = self.lora_dropout(x)
-        for A, B, (start, stop), scale in zip(self.lora_A, self.lora_B, self.spans, self.scales):
-            d = F.linear(F.linear(h.to(A.dtype), A) * scale, B).to(y.dtype)  # scaled at rank r: cheaper
-            y = y + (d if stop - start == self.out_features else F.pad(d, (start, self.out_features - stop)))
+        route = _ROUTE.get()
+        for A, B, (start, stop), scale, name in zip(self.lora_A, self.lora_B, self.spans, self.scales, self.names):
+            if name is None:
+                d = F.linear(F.linear(h.to(A.dtype), A) * scale, B).to(y.dtype)  # scaled at rank r: cheaper
+                y = y + (d if stop - start == self.out_features else F.pad(d, (start, self.out_features - stop)))
+                continue
+            rows = route.get(name) if route is not None else None
+            if rows is None or not len(rows):
+                continue
+            # only this adapter's token rows: (n, in) -> (n, r) -> (n, stop - start), added into y's rows
+            hr = h.reshape(-1, self.in_features).index_select(0, rows)
+            d = F.linear(F.linear(hr.to(A.dtype), A) * scale, B).to(y.dtype)
+            y2 = y.reshape(-1, self.out_features)
+            y = y2.index_add(0, rows, F.pad(d, (start, self.out_features - stop))).view(y.shape)
         return y
 
     @torch.no_grad()
@@ -80,6 +114,8 @@ class LoRALinear(nn.Linear):
         """Fold every adapter into the weight; a second call is a no-op."""
         if self.merged:
             return
+        if any(n is not None for n in self.names):
+            raise GptlabError("named adapters (several on one base, for serving) cannot be merged into the weight")
         for k, (start, stop) in enumerate(self.spans):
             self.weight[start:stop] += self.delta(k).to(self.weight.dtype)
         self.merged = True
@@ -94,7 +130,8 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def extra_repr(self) -> str:
-        spans = ", ".join(f"rows {a}:{b} r={A.shape[0]}" for (a, b), A in zip(self.spans, self.lora_A))
+        spans = ", ".join(f"{n + ' ' if n else ''}rows {a}:{b} r={A.shape[0]}"
+                          for (a, b), A, n in zip(self.spans, self.lora_A, self.names))
         return f"{super().extra_repr()}, lora=[{spans}], merged={self.merged}"
 
 
@@ -137,6 +174,14 @@ def lora_layer_at(model: nn.Module, name: str, dropout: float) -> LoRALinear:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The named adapters loaded beside one another (serving), in the order they were added."""
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update((n, None) for n in layer.names if n is not None)
+    return list(names)
 
 
 def is_lora_parameter(name: str) -> bool:
