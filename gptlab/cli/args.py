@@ -1,7 +1,7 @@
 """A command's argument parser, built from its function's signature and docstring, so `--help` cannot drift.
 
 Parameters without a default are positional; `bool` gives `--x/--no-x`; `Literal[...]` gives choices;
-`list[T]` takes several values. A parameter typed as a recipe dataclass (TrainConfig, FinetuneConfig) takes
+`list[T]` takes several values (a repeated option adds to them). A parameter typed as a recipe dataclass (TrainConfig, FinetuneConfig) takes
 an optional YAML file as a positional argument and every field as `--field VALUE` (`--model.n-layer 4` for a
 nested section), listed in groups (gptlab.recipe.options). Each option has one spelling, with dashes;
 `normalise_argv` also accepts underscores and a recipe's earlier option names.
@@ -114,6 +114,8 @@ def add_argument(parser, name: str, tp: Any, default: Any, help: str, positional
                 kw["help"] = f"{head}: {'|'.join(map(str, choices))}{bracket}{rest}"
     elif origin in (list, tuple):
         kw["nargs"] = "+" if positional else "*"
+        if not positional and (recipe_field or default is None):
+            kw["action"] = "extend"  # `--lora a=X --lora b=Y` and `--lora a=X b=Y` both give both
         kw["type"] = _converter(get_args(tp)[0]) if get_args(tp) else str
         kw["metavar"] = name.upper() if positional else _METAVARS.get(kw["type"], "S")
     else:

@@ -25,6 +25,10 @@ def generate_command(
     stop: list[str] | None = None,
     seed: int | None = 1337,
     num_samples: int = 1,
+    json_schema: str | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
+    grammar: str | None = None,
     stream: bool = False,
     echo: bool = True,
     truncate: bool = False,
@@ -48,6 +52,10 @@ def generate_command(
         stop: stop strings; generation of a row ends where one appears.
         seed: random seed for sampling (reproducible output).
         num_samples: samples per prompt.
+        json_schema: a JSON Schema file; the output is JSON that validates against it.
+        regex: the output matches this regular expression.
+        choice: the output is exactly one of these strings.
+        grammar: a Lark grammar file (llguidance's dialect); the output is a sentence of it.
         stream: print tokens as they are generated (one prompt, one sample).
         echo: print the prompt before its continuation.
         truncate: keep only the last prompt tokens that fit the context instead of failing.
@@ -62,7 +70,7 @@ def generate_command(
     tok = load_tokenizer(model)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-              stop=stop or [], seed=seed, truncate=truncate)
+              stop=stop or [], seed=seed, truncate=truncate, constraint=_constraint(json_schema, regex, choice, grammar))
     if stream:
         if len(prompts) > 1 or num_samples > 1:
             raise GptlabError("--stream takes one prompt and one sample")
@@ -80,3 +88,31 @@ def generate_command(
             print(f"--- sample {i + 1} ---")
         print((p if echo else "") + out)
     return 0
+
+
+def _constraint(json_schema: str | None, regex: str | None, choice: list[str] | None, grammar: str | None):
+    """--json-schema FILE, --regex, --choice or --grammar FILE as one output constraint (None: free text)."""
+    from pathlib import Path
+
+    from gptlab.infer.structured import Constraint
+
+    given = [f for f, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice),
+                            ("--grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise GptlabError(f"pass one output constraint at most, got {' and '.join(given)}")
+
+    def read(path: str, flag: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptlabError(f"{flag}: cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+    if json_schema is not None:
+        return Constraint.json_schema(read(json_schema, "--json-schema"))
+    if regex is not None:
+        return Constraint.regex(regex)
+    if choice is not None:
+        return Constraint.choice(choice)
+    if grammar is not None:
+        return Constraint.lark(read(grammar, "--grammar"))
+    return None

@@ -26,12 +26,15 @@ def serve(
     max_waiting: int = 256,
     dtype: str | None = None,
     device: str = "cpu",
+    lora: list[str] | None = None,
     log_level: str = "info",
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat playground at http://HOST:PORT/.
 
     /v1/completions and /v1/chat/completions (streaming, n, stop, seed, logprobs, Qwen3 reasoning apart as
-    reasoning_content and a thinking_token_budget), /v1/models, /health, /metrics, /tokenize, /detokenize.
+    reasoning_content and a thinking_token_budget), response_format / structured_outputs constraints, tools,
+    /v1/models, /health, /metrics, /tokenize, /detokenize. --lora NAME=DIR serves a PEFT adapter beside the
+    base as model NAME; requests for different adapters share the engine's batches.
     Binds to 127.0.0.1 unless told otherwise; SIGTERM finishes the requests in flight, then exits.
     docs/serving.md has every field.
 
@@ -50,6 +53,7 @@ def serve(
         max_waiting: queued requests; more are answered 503
         dtype: float32, bfloat16 or float16 (default: the checkpoint's)
         device: cpu, cuda, ...
+        lora: NAME=DIR, a PEFT LoRA adapter dir served as model NAME (repeat for more)
         log_level: uvicorn's: critical, error, warning, info, debug
     """
     import uvicorn
@@ -62,11 +66,12 @@ def serve(
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise GptlabError(f"log_level must be critical, error, warning, info or debug, got {log_level!r}")
     hf.read_config(hf.resolve(model, hf.HUB_CONFIG_PATTERNS))  # a bad model fails here, before the server starts
+    adapters = _adapters(lora or [], served_model_name or model)
     key = api_key or os.environ.get("GPTLAB_API_KEY") or None
     cfg = ServeConfig(model=model, served_model_name=served_model_name, api_key=key, max_batch=max_batch,
                       max_batched_tokens=max_batched_tokens, kv_cache_memory=kv_cache_memory,
                       thinking_budget=thinking_budget, max_tokens=max_tokens, max_n=max_n, max_waiting=max_waiting,
-                      dtype=dtype, device=device)
+                      dtype=dtype, device=device, lora=adapters)
     app = create_app(cfg)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=60))
@@ -83,3 +88,20 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 1 if state.load_error else 0
+
+
+def _adapters(specs: list[str], base: str) -> dict[str, str]:
+    """--lora NAME=DIR ... as {name: dir}, each dir checked to be a PEFT LoRA adapter before the server starts."""
+    from gptlab.formats.peft import read_adapter_config
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise GptlabError(f"--lora takes NAME=DIR, got {spec!r}")
+        if name == base or name in out:
+            raise GptlabError(f"--lora {name}: the name is taken (by {'the base model' if name == base else 'another adapter'})")
+        read_adapter_config(path)
+        out[name] = path
+    return out

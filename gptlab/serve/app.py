@@ -3,10 +3,12 @@
     app = create_app(ServeConfig(model="out/python-docs/final", api_key="secret"))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the model's chat template, Qwen3
-reasoning returned apart as `reasoning_content`, `thinking_token_budget`), GET /health (503 while the model
-loads), GET /metrics (Prometheus), POST /tokenize and /detokenize, GET / (the playground). Errors use
-OpenAI's body; client input never gets a 500. docs/serving.md has the fields, defaults and limits.
+Routes: GET /v1/models (the base and its LoRA adapters), POST /v1/completions, POST /v1/chat/completions
+(the model's chat template, Qwen3 reasoning returned apart as `reasoning_content`, `thinking_token_budget`,
+tools), GET /health (503 while the model loads), GET /metrics (Prometheus), POST /tokenize and /detokenize,
+GET / (the playground). Both endpoints take response_format / structured_outputs (serve/structured.py); a
+request's `model` naming an adapter runs its rows through that adapter, in the same batches as the others.
+Errors use OpenAI's body; client input never gets a 500. docs/serving.md has the fields, defaults and limits.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import json
 import threading
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptlab.errors import GptlabError
 from gptlab.infer.engine import Engine, EngineConfig, QueueFull
 from gptlab.infer.sampling import Sampling
+from gptlab.infer.structured import Constraint
 from gptlab.infer.text import stop_ids
 from gptlab.serve import render
 from gptlab.serve.metrics import CONTENT_TYPE, Metrics
-from gptlab.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                   error_body)
+from gptlab.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   TokenizeRequest, error_body)
 from gptlab.serve.runner import AsyncEngine
+from gptlab.serve.structured import Tools, request_constraint, template_turns
 
 PLAYGROUND = Path(__file__).with_name("playground") / "index.html"
 OPEN_PATHS = {"/health", "/", "/favicon.ico"}  # no key needed: the health probe and the playground page itself
@@ -53,13 +57,7 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
     dtype: str | None = None
     device: str = "cpu"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type, param, code)
+    lora: dict[str, str] = field(default_factory=dict)  # {served name: PEFT adapter dir}, beside the base
 
 
 class State:
@@ -73,6 +71,8 @@ class State:
         self.model = self.tokenizer = self.engine = self.metrics = None
         self.end_of_turn: set[int] = set()
         self.turn_stops: list[str] = []
+        self.adapters: list[str] = []
+        self.grammar_error: str | None = None  # why constrained requests cannot be served (None: they can)
         self.on_error = None  # called with the message when loading fails (the CLI stops the server)
 
     def load(self) -> None:
@@ -91,6 +91,12 @@ class State:
 
     def start(self, model, tokenizer) -> None:
         c = self.cfg
+        if c.lora:
+            from gptlab.formats.peft import load_adapter
+
+            for name, path in c.lora.items():
+                load_adapter(model, path, name=name)
+            self.adapters = list(c.lora)
         engine = Engine(model, tokenizer, EngineConfig(max_batch=c.max_batch, max_batched_tokens=c.max_batched_tokens,
                                                        kv_cache_memory=c.kv_cache_memory, max_waiting=c.max_waiting))
         self.model, self.tokenizer = model, tokenizer
@@ -105,14 +111,29 @@ class State:
                     (self.end_of_turn.update(ids) if len(ids) == 1 else self.turn_stops.append(marker))
             except GptlabError:
                 pass  # a template that cannot render the probe: the model's EOS alone ends a reply
+        try:
+            engine.grammars  # the tokenizer's grammar view, built once now rather than on the first request
+        except GptlabError as e:
+            self.grammar_error = str(e)
         self.ready = True
 
-    def check(self, model: str | None) -> None:
+    def check(self, model: str | None) -> str | None:
+        """503 until loaded; 404 for a model this server does not serve. Returns the adapter `model` names
+        (None: the base)."""
         if not self.ready:
             raise ApiError(503, self.load_error or "the model is still loading", type="server_error")
-        if model is not None and model != self.name:
-            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.name}`).", "model",
-                           code="model_not_found")
+        if model is None or model == self.name:
+            return None
+        if model in self.adapters:
+            return model
+        served = ", ".join(f"`{n}`" for n in [self.name, *self.adapters])
+        raise ApiError(404, f"The model `{model}` does not exist (this server serves {served}).", "model",
+                       code="model_not_found")
+
+    def constraint(self, c: Constraint | None) -> Constraint | None:
+        if c is not None and self.grammar_error is not None:
+            raise ApiError(400, f"structured outputs are not available with this tokenizer: {self.grammar_error}")
+        return c
 
     @property
     def context(self) -> int:
@@ -125,7 +146,7 @@ class State:
 
 def _sampling(state: State, req, prompt_len: int, max_tokens: int | None, eos: set[int] | None,
               stops: list[str], logprobs: int | None, thinking: int | None, param: str,
-              default: int | None = None) -> Sampling:
+              default: int | None = None, constraint: Constraint | None = None) -> Sampling:
     """default: max_tokens when the request gives none (completions: 16, as OpenAI; chat: what fits)."""
     cfg, ctx = state.cfg, state.context
     cap = min(cfg.max_tokens or ctx, ctx)
@@ -148,6 +169,7 @@ def _sampling(state: State, req, prompt_len: int, max_tokens: int | None, eos: s
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=req.repetition_penalty or 1.0, stop=stops, seed=req.seed, n=req.n,
             eos_id=sorted(eos) if eos is not None else None, logprobs=logprobs, thinking_budget=thinking,
+            constraint=constraint,
         )
     except GptlabError as e:
         raise ApiError(400, str(e)) from None
@@ -167,9 +189,9 @@ def _token_ids(state: State, prompt) -> list[list[int]]:
     return [list(ids) for ids in lists]
 
 
-async def _submit(state: State, ids: list[int], s: Sampling):
+async def _submit(state: State, ids: list[int], s: Sampling, adapter: str | None):
     try:
-        return await state.engine.submit(ids, s)
+        return await state.engine.submit(ids, s, adapter)
     except QueueFull as e:
         raise ApiError(503, f"{e}; try again shortly", type="server_error", code="queue_full") from None
     except GptlabError as e:
@@ -219,7 +241,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
                   description="OpenAI-compatible completions and chat over gptlab's engine.")
     app.state.gptlab = state
     _errors(app)
-    _publish_model_name(app, state.name)
+    _publish_model_names(app, [state.name, *cfg.lora])
     app.add_middleware(_Guard, api_key=cfg.api_key, max_body=cfg.max_body_bytes)
 
     @app.get("/health")
@@ -235,8 +257,10 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         state.check(None)
-        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": 0, "owned_by": "gptlab",
-                                            "max_model_len": state.context}]}
+        base = {"id": state.name, "object": "model", "created": 0, "owned_by": "gptlab", "root": state.name,
+                "parent": None, "max_model_len": state.context}
+        return {"object": "list", "data": [base] + [{**base, "id": name, "parent": state.name}
+                                                    for name in state.adapters]}
 
     @app.get("/metrics")
     async def metrics():
@@ -248,7 +272,12 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
         state.check(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "pass exactly one of prompt and messages", "prompt")
-        text = req.prompt if req.prompt is not None else _render(state, req.messages, {}, req.add_generation_prompt)
+        if req.prompt is not None:
+            text = req.prompt
+        else:
+            tools = Tools(req.tools, None, False).for_template()
+            text = _render(state, template_turns(req.messages), {"tools": tools} if tools else {},
+                           req.add_generation_prompt)
         ids = state.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.context}
 
@@ -261,20 +290,21 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        state.check(req.model)
+        adapter = state.check(req.model)
+        constraint = state.constraint(request_constraint(req))
         prompts = _token_ids(state, req.prompt)
         subs = []
         try:
             for ids in prompts:
                 s = _sampling(state, req, max(1, len(ids)), req.max_tokens, None, req.stop_list(), req.logprobs, None,
-                              "prompt", default=16)
-                subs.append(await _submit(state, ids, s))
+                              "prompt", default=16, constraint=constraint)
+                subs.append(await _submit(state, ids, s, adapter))
         except ApiError:
             for rid, _ in subs:  # a later prompt of the batch was refused: none of it runs
                 state.engine.abort(rid)
             raise
         rids = [rid for rid, _ in subs]
-        job = render.Completion(state.name, state.tokenizer, prompts, req.n, req.echo, req.logprobs is not None)
+        job = render.Completion(req.model or state.name, state.tokenizer, prompts, req.n, req.echo, req.logprobs is not None)
         if req.stream:
             return StreamingResponse(_stream_completion(state, job, subs, req), media_type="text/event-stream")
 
@@ -288,23 +318,27 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
-        state.check(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise ApiError(400, f"response_format type {req.response_format.type!r} is not supported yet", "response_format")
-        if req.tools:
-            raise ApiError(400, "tools are not supported yet", "tools")
+        adapter = state.check(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        text = _render(state, req.messages, req.chat_template_kwargs or {}, True)
+        constraint = request_constraint(req)
+        tools = Tools(req.tools, req.tool_choice, constraint is not None)
+        constraint = state.constraint(constraint or tools.constraint(state.tokenizer))
+        kwargs = dict(req.chat_template_kwargs or {})
+        if tools.active:
+            if "tools" not in (state.tokenizer.chat_template or ""):
+                raise ApiError(400, "this model's chat template does not take tools", "tools")
+            kwargs["tools"] = tools.for_template()
+        text = _render(state, template_turns(req.messages), kwargs, True)
         ids = state.tokenizer.encode(text)
         eos = stop_ids(state.model.config, None, state.tokenizer) | state.end_of_turn
         budget = req.thinking_token_budget if req.thinking_token_budget is not None else state.cfg.thinking_budget
         s = _sampling(state, req, len(ids), req.max_completion_tokens or req.max_tokens, eos,
                       req.stop_list() + state.turn_stops, (req.top_logprobs or 0) if req.logprobs else None, budget,
-                      "messages")
-        rid, queue = await _submit(state, ids, s)
-        job = render.Chat(state.name, state.tokenizer, len(ids), req.n, req.logprobs,
-                          state.engine.engine.opened_thinking(ids))
+                      "messages", constraint=constraint)
+        rid, queue = await _submit(state, ids, s, adapter)
+        job = render.Chat(req.model or state.name, state.tokenizer, len(ids), req.n, req.logprobs,
+                          state.engine.engine.opened_thinking(ids), tools=tools.active)
         if req.stream:
             return StreamingResponse(_stream_chat(state, job, rid, queue, req), media_type="text/event-stream")
 
@@ -318,8 +352,8 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
     return app
 
 
-def _publish_model_name(app: FastAPI, name: str) -> None:
-    """/openapi.json says which `model` this server takes (an enum of one), so clients and fuzzers know it."""
+def _publish_model_names(app: FastAPI, names: list[str]) -> None:
+    """/openapi.json says which `model`s this server takes (an enum), so clients and fuzzers know them."""
     make = app.openapi
 
     def openapi() -> dict:
@@ -328,16 +362,15 @@ def _publish_model_name(app: FastAPI, name: str) -> None:
             prop = component.get("properties", {}).get("model")
             if prop is not None:
                 prop.pop("anyOf", None)
-                prop.update(type="string", enum=[name])
+                prop.update(type="string", enum=names)
         return schema
 
     app.openapi = openapi
 
 
-def _render(state: State, messages, kwargs: dict, add_generation_prompt: bool) -> str:
+def _render(state: State, turns: list[dict], kwargs: dict, add_generation_prompt: bool) -> str:
     if not state.tokenizer.chat_template:
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
         return state.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, **kwargs)
     except GptlabError as e:

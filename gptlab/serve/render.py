@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from gptlab.infer.engine import Delta
 from gptlab.infer.sampling import TokenLogprobs
 from gptlab.infer.thinking import ReasoningSplitter
+from gptlab.serve.structured import CallStream
 
 
 def _now() -> int:
@@ -27,6 +28,11 @@ class _Choice:
     tokens: int = 0
     finish: str | None = None
     logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
+    calls: list[dict] = field(default_factory=list)  # tool calls parsed from the answer
+
+    @property
+    def finish_reason(self) -> str | None:
+        return "tool_calls" if self.calls and self.finish == "stop" else self.finish
 
 
 class _Job:
@@ -107,24 +113,31 @@ class Completion(_Job):
 
 
 class Chat(_Job):
-    """One /v1/chat/completions request: n choices, each split into reasoning and answer as it streams."""
+    """One /v1/chat/completions request: n choices, each split into reasoning and answer as it streams, and
+    the answer into content and tool calls when the request has tools."""
 
-    def __init__(self, model: str, tokenizer, prompt_tokens: int, n: int, logprobs: bool, opened: bool) -> None:
+    def __init__(self, model: str, tokenizer, prompt_tokens: int, n: int, logprobs: bool, opened: bool,
+                 tools: bool = False) -> None:
         super().__init__("chatcmpl", model, tokenizer, n)
         self.prompt_tokens, self.want_logprobs = prompt_tokens, logprobs
         self.splitters = [ReasoningSplitter(opened) for _ in range(n)]
+        self.calls = [CallStream() for _ in range(n)] if tools else None
 
-    def _feed(self, d: Delta) -> tuple[str, str]:
+    def _feed(self, d: Delta) -> tuple[str, str, list[dict]]:
         c = self.choices[d.index]
         if d.index == 0 and d.finished:
             self.cached = d.cached
         reasoning, answer = self.splitters[d.index].feed(d.text, final=d.finished)
+        calls = []
+        if self.calls is not None:
+            answer, calls = self.calls[d.index].feed(answer, final=d.finished)
+            c.calls += calls
         c.reasoning += reasoning
         c.text += answer
         c.tokens += d.generated
         c.finish = d.finish_reason or c.finish
         c.logprobs += list(zip(d.token_ids, d.logprobs))
-        return reasoning, answer
+        return reasoning, answer, calls
 
     def add(self, d: Delta) -> None:
         self._feed(d)
@@ -146,8 +159,11 @@ class Chat(_Job):
             message = {"role": "assistant", "content": c.text}
             if c.reasoning:
                 message["reasoning_content"] = c.reasoning
+            if c.calls:
+                message["content"] = c.text.strip() or None
+                message["tool_calls"] = c.calls
             choices.append({"index": i, "message": message, "logprobs": self._content_logprobs(c.logprobs),
-                            "finish_reason": c.finish})
+                            "finish_reason": c.finish_reason})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
 
@@ -159,15 +175,18 @@ class Chat(_Job):
         return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(len(self.choices))]
 
     def chunks(self, d: Delta) -> list[dict]:
-        reasoning, answer = self._feed(d)
+        before = len(self.choices[d.index].calls)
+        reasoning, answer, calls = self._feed(d)
         logprobs = self._content_logprobs(list(zip(d.token_ids, d.logprobs)))
         out = []
         if reasoning:
             out.append(self._chunk(d.index, {"reasoning_content": reasoning}))
         if answer or logprobs:
             out.append(self._chunk(d.index, {"content": answer}, logprobs))
+        for k, call in enumerate(calls, start=before):  # a whole call per delta, once its block has closed
+            out.append(self._chunk(d.index, {"tool_calls": [{"index": k, **call}]}))
         if d.finished:
-            out.append(self._chunk(d.index, {}, None, d.finish_reason))
+            out.append(self._chunk(d.index, {}, None, self.choices[d.index].finish_reason))
         return out
 
     def usage_chunk(self) -> dict:

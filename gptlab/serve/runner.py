@@ -43,12 +43,14 @@ class AsyncEngine:
         self.thread.start()
 
     # ---- from the event loop ----
-    async def submit(self, prompt: list[int], sampling: Sampling) -> tuple[str, asyncio.Queue]:
-        """Queue a request; raises what Engine.add_request raises (bad input, QueueFull)."""
+    async def submit(self, prompt: list[int], sampling: Sampling, adapter: str | None = None
+                     ) -> tuple[str, asyncio.Queue]:
+        """Queue a request (through a named LoRA adapter, or the base); raises what Engine.add_request raises
+        (bad input, QueueFull)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         deltas: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", (prompt, sampling, loop, done, deltas)))
+        self._commands.put(("add", (prompt, sampling, adapter, loop, done, deltas)))
         self._wake.set()
         return await done, deltas
 
@@ -78,9 +80,9 @@ class AsyncEngine:
     # ---- on the engine thread ----
     def _apply(self, command: str, arg: Any) -> None:
         if command == "add":
-            prompt, sampling, loop, done, deltas = arg
+            prompt, sampling, adapter, loop, done, deltas = arg
             try:
-                rid = self.engine.add_request(prompt, sampling)
+                rid = self.engine.add_request(prompt, sampling, adapter=adapter)
             except Exception as e:  # bad input or a full queue: the route turns it into its status
                 loop.call_soon_threadsafe(self._resolve, done, None, e)
                 return

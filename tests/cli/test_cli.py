@@ -210,3 +210,29 @@ def test_classify_is_accepted_for_classification_everywhere(capsys, tiny_gpt2_di
                          "--no-progress")
     assert code == 0, err
     assert "classification" in out
+
+
+def test_generate_takes_a_json_schema_file_and_choices(capsys, tiny_gpt2_dir, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "k": {"enum": ["a", "b", "中"]}},
+              "required": ["n", "k"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema), encoding="utf-8")
+    code, out, _ = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x", "--no-echo", "--temperature", "1",
+                       "--json-schema", str(tmp_path / "s.json"), "--max-new-tokens", "60")
+    assert code == 0
+    jsonschema.validate(json.loads(out), schema)
+    code, out, _ = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x", "--no-echo", "--num-samples", "3",
+                       "--choice", "yes", "no")
+    assert code == 0 and {line for line in out.splitlines() if not line.startswith("---")} <= {"yes", "no"}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--regex", "a", "--choice", "a"], "one output constraint"),
+    (["--json-schema", "/nonexistent/s.json"], "cannot read"),
+    (["--regex", "(open"], "cannot be compiled"),
+])
+def test_generate_constraint_errors(capsys, tiny_gpt2_dir, args, says):
+    code, _, err = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x", *args)
+    assert_one_line_error(code, err, says)
