@@ -18,6 +18,7 @@ llguidance does not implement: the caller gets the reason, never a silently loos
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,9 +193,11 @@ class Grammars:
                                          eos_token=self.eos)
         except Exception as e:  # llguidance reports an unsupported tokenizer as a plain exception
             raise GptlabError(f"llguidance cannot use this tokenizer for constrained decoding: {e}") from None
-        self.executor = LLExecutor()
+        # llguidance's thread pool pays off with cores to spare; on a few, handing rows to it costs more than
+        # computing them on this thread (the forward's OpenMP threads are still spinning on those cores)
+        self.executor = LLExecutor() if (os.cpu_count() or 1) > 4 else None
         self._words = -(-n_vocab // 32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._unpack = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1 == 1  # byte -> its 8 bits
         self._compiled: dict[Constraint, str] = {}
         self._cache_size = cache_size
 
@@ -226,14 +229,26 @@ class Grammars:
         exactly when the grammar may end there."""
         R, V = len(rows), logits.shape[-1]
         bits = torch.full((R, self._words), -1, dtype=torch.int32)
-        self.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.data_ptr(),
-                                              self._words * 4, R)
-        allowed = ((bits.unsqueeze(-1) >> self._shifts) & 1).view(R, -1)[:, :V].bool()  # (R, V)
+        if self.executor is not None:
+            self.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.data_ptr(),
+                                                  self._words * 4, R)
+        else:
+            for i, m in enumerate(matchers):
+                m.unsafe_compute_mask_ptr(bits.data_ptr() + i * self._words * 4, self._words * 4)
+        # little-endian words: byte k of the row holds tokens 8k..8k+7, bit j token 8k+j
+        allowed = self._unpack.index_select(0, bits.view(torch.uint8).view(-1).int()).view(R, -1)[:, :V]
         may_end = allowed[:, self.eos].clone()
-        for i, ids in enumerate(eos):
-            allowed[i, list(ids)] = may_end[i]
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+        if all(ids == eos[0] for ids in eos):
+            allowed[:, list(eos[0])] = may_end.unsqueeze(1)
+        else:
+            for i, ids in enumerate(eos):
+                allowed[i, list(ids)] = may_end[i]
+        blocked = ~allowed.to(logits.device)
+        if R == logits.shape[0] and rows == list(range(R)):
+            logits.masked_fill_(blocked, float("-inf"))
+        else:
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = logits[index].masked_fill(blocked, float("-inf"))
 
     def advance(self, matcher, token: int) -> bool:
         """Feed the sampled token; True when the grammar is complete (nothing but an end may follow)."""

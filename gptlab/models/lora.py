@@ -28,15 +28,46 @@ from gptlab.models.model import Linear, linear
 # ---------------------------------------------------------------------------------------------------------
 # the layer
 
-# {adapter name: flat token-row indices (N,)} for the forward pass in progress (see lora_routing)
-_ROUTE: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar("lora_route", default=None)
+_ADAPTER_IDS: dict[str, int] = {}  # adapter name -> a small id, the same in every layer
+
+
+_COLS: dict[tuple, torch.Tensor] = {}  # (column adapter ids, device) -> the ids as a tensor
+
+
+def _adapter_id(name: str) -> int:
+    return _ADAPTER_IDS.setdefault(name, len(_ADAPTER_IDS))
+
+
+class _Route:
+    """The forward pass's routing: {adapter name: flat token-row indices}, and per (rows, layer layout) the
+    (rows, r_total) 0/1 mask that keeps each row's own adapter's columns (shared by the layers alike)."""
+
+    def __init__(self, rows: dict[str, torch.Tensor]) -> None:
+        self.rows = rows
+        self._ids: torch.Tensor | None = None
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def mask(self, n: int, cols: torch.Tensor) -> torch.Tensor:
+        key = (n, cols.data_ptr())
+        m = self._masks.get(key)
+        if m is None:
+            if self._ids is None or len(self._ids) != n:
+                self._ids = torch.full((n,), -1, dtype=torch.long, device=cols.device)
+                for name, r in self.rows.items():
+                    self._ids[r] = _adapter_id(name)
+            m = (self._ids.unsqueeze(1) == cols.unsqueeze(0)).float()
+            self._masks[key] = m
+        return m
+
+
+_ROUTE: contextvars.ContextVar[_Route | None] = contextvars.ContextVar("lora_route", default=None)
 
 
 @contextlib.contextmanager
 def lora_routing(rows: dict[str, torch.Tensor]):
-    """Within the block, each named adapter applies to the given rows of the flattened (B*T) tokens only, and
-    named adapters absent from `rows` not at all. Unnamed (training) adapters always apply."""
-    token = _ROUTE.set(rows)
+    """Within the block, each named adapter applies to the given rows of the flattened (B*T) tokens only,
+    and named adapters absent from `rows` not at all. Unnamed (training) adapters always apply."""
+    token = _ROUTE.set(_Route(rows) if rows else None)
     try:
         yield
     finally:
@@ -64,6 +95,8 @@ class LoRALinear(nn.Linear):
         self.names: list[str | None] = []  # the named adapter each slot belongs to; None: always on
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
+        self._packed: tuple | None = None  # (versions, (A, B, cols), slot tensors) of the named slots: _pack
+        self._packed_names: set[str] = set()
 
     def add_adapter(self, start: int, stop: int, r: int, alpha: float, rslora: bool = False,
                     name: str | None = None) -> int:
@@ -82,6 +115,7 @@ class LoRALinear(nn.Linear):
         self.alphas.append(float(alpha))
         self.scales.append(alpha / math.sqrt(r) if rslora else alpha / r)  # rsLoRA: Kalajdzievski 2023
         self.names.append(name)
+        self._packed = None
         return len(self.spans) - 1
 
     def delta(self, k: int) -> torch.Tensor:
@@ -92,22 +126,58 @@ class LoRALinear(nn.Linear):
         y = linear(x, self.weight, self.bias)
         if self.merged or not self.spans:
             return y
-        h = self.lora_dropout(x)
         route = _ROUTE.get()
-        for A, B, (start, stop), scale, name in zip(self.lora_A, self.lora_B, self.spans, self.scales, self.names):
-            if name is None:
-                d = F.linear(F.linear(h.to(A.dtype), A) * scale, B).to(y.dtype)  # scaled at rank r: cheaper
-                y = y + (d if stop - start == self.out_features else F.pad(d, (start, self.out_features - stop)))
-                continue
-            rows = route.get(name) if route is not None else None
-            if rows is None or not len(rows):
-                continue
-            # only this adapter's token rows: (n, in) -> (n, r) -> (n, stop - start), added into y's rows
-            hr = h.reshape(-1, self.in_features).index_select(0, rows)
-            d = F.linear(F.linear(hr.to(A.dtype), A) * scale, B).to(y.dtype)
-            y2 = y.reshape(-1, self.out_features)
-            y = y2.index_add(0, rows, F.pad(d, (start, self.out_features - stop))).view(y.shape)
+        served = all(n is not None for n in self.names)  # named adapters only: inference, no dropout
+        if served and route is None:
+            return y
+        h = x if served else self.lora_dropout(x)
+        if not served:
+            for A, B, (start, stop), scale, name in zip(self.lora_A, self.lora_B, self.spans, self.scales,
+                                                        self.names):
+                if name is None:
+                    d = F.linear(F.linear(h.to(A.dtype), A) * scale, B).to(y.dtype)  # scaled at rank r: cheaper
+                    y = y + (d if stop - start == self.out_features else F.pad(d, (start, self.out_features - stop)))
+        if route is not None:
+            y = self._routed(h, y, route)
         return y
+
+    def _routed(self, h: torch.Tensor, y: torch.Tensor, route: _Route) -> torch.Tensor:
+        """Every routed adapter's update at once, each on its own rows: all named slots packed as one
+        (r_total, in) A and one (out, r_total) scaled, span-placed B; the (rows, r_total) middle is masked to
+        each row's adapter. Two small matmuls per layer however many adapters the batch mixes (the dense
+        form of Punica's segmented LoRA kernel; at LoRA ranks the unused columns cost little)."""
+        packed = self._pack()
+        if packed is None or not any(name in route.rows for name in self._packed_names):
+            return y
+        A, B, cols = packed
+        h2 = h.reshape(-1, self.in_features)
+        mid = linear(h2.to(A.dtype), A) * route.mask(len(h2), cols)  # linear: the GEMV kernel for decode rows
+        d = linear(mid, B).to(y.dtype)
+        return y + d.view(y.shape)
+
+    @torch.no_grad()
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(A, B, column adapter ids) of the named slots; rebuilt when a slot's weights change (their
+        tensor versions) or a slot is added."""
+        if self._packed is not None and self._packed[0] == tuple(t._version for t in self._packed[2]):
+            return self._packed[1]
+        slots = [k for k, n in enumerate(self.names) if n is not None]
+        if not slots:
+            return None
+        params = [t for k in slots for t in (self.lora_A[k], self.lora_B[k])]
+        A = torch.cat([self.lora_A[k] for k in slots])
+        B = torch.zeros(self.out_features, A.shape[0], device=A.device, dtype=A.dtype)
+        cols, at = [], 0
+        for k in slots:
+            (start, stop), r = self.spans[k], self.lora_A[k].shape[0]
+            B[start:stop, at:at + r] = self.lora_B[k] * self.scales[k]
+            cols += [_adapter_id(self.names[k])] * r
+            at += r
+        layout = (tuple(cols), A.device)  # one tensor per layout, so the layers alike share one mask per step
+        cols_t = _COLS.setdefault(layout, torch.tensor(cols, device=A.device))
+        self._packed = (tuple(t._version for t in params), (A, B, cols_t), params)
+        self._packed_names = {self.names[k] for k in slots}
+        return self._packed[1]
 
     @torch.no_grad()
     def merge(self) -> None:
