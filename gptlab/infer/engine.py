@@ -275,11 +275,14 @@ class Engine:
             q.data.masked = q.data.matcher is not None and not q.data.think.inside  # reasoning runs free
             if q.data.masked:
                 masked.append(i)
+        model_logits = None
         if masked:
+            if any(sampling[i].data.sampling.logprobs is not None for i in masked):
+                model_logits = logits.clone()  # log-probs are the model's, not the mask's
             self.grammars.mask(logits, masked, [sampling[i].data.matcher for i in masked],
                                [sampling[i].data.eos for i in masked])
         rows = [Row(q.data.sampling, q.tokens, q.num_prompt, q.data.generator) for q in sampling]
-        tokens, logprobs = sample_rows(logits, rows)
+        tokens, logprobs = sample_rows(logits, rows, model_logits)
         return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
 
     def _advance(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> Delta:

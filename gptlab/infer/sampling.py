@@ -170,11 +170,13 @@ def _draw(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)[:, 0]
 
 
-def sample_rows(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], list[TokenLogprobs | None]]:
+def sample_rows(logits: torch.Tensor, rows: list[Row], model_logits: torch.Tensor | None = None
+                ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """The next token of each row from its logits (R, V), each by its own Sampling; and its log-probs when
-    the row asks for them."""
+    the row asks for them, from model_logits when given (the logits before a constraint's mask)."""
     logits = logits.float()
-    raw = logits.log_softmax(dim=-1) if any(r.sampling.logprobs is not None for r in rows) else None
+    wanted = any(r.sampling.logprobs is not None for r in rows)
+    raw = (logits if model_logits is None else model_logits.float()).log_softmax(dim=-1) if wanted else None
     if any(r.sampling.repetition_penalty != 1.0 or r.sampling.no_repeat_ngram_size or r.sampling.presence_penalty
            or r.sampling.frequency_penalty for r in rows):
         _penalise(logits, rows)

@@ -21,6 +21,11 @@ def _now() -> int:
     return int(time.time())
 
 
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a token of probability 0 in float is reported as -9999.0, as vLLM does."""
+    return max(logprob, -9999.0)
+
+
 @dataclass
 class _Choice:
     text: str = ""
@@ -78,8 +83,8 @@ class Completion(_Job):
         for t, lp in pairs:
             s = self._token(t)
             tokens.append(s)
-            lps.append(lp.logprob)
-            tops.append({self._token(a): v for a, v in lp.top})
+            lps.append(_finite(lp.logprob))
+            tops.append({self._token(a): _finite(v) for a, v in lp.top})
             offsets.append(self.offsets[i])
             self.offsets[i] += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -148,7 +153,7 @@ class Chat(_Job):
 
         def entry(t: int, lp: float) -> dict:
             s = self._token(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+            return {"token": s, "logprob": _finite(lp), "bytes": list(s.encode("utf-8"))}
 
         return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
                             for t, lp in pairs]}

@@ -206,3 +206,13 @@ def test_bad_constraints_are_400s_with_the_error_body(client, body, says):
     err = e.value.body
     assert e.value.status_code == 400 and says in err["message"], err
     assert err["type"] == "invalid_request_error"
+
+
+def test_logprobs_of_a_constrained_reply_are_the_models(client):
+    """The mask picks the token; the reported log-probs stay the model's own (finite, as JSON needs)."""
+    free = client.completions.create(model="m", prompt="Sentiment:", max_tokens=1, temperature=0, logprobs=5)
+    held = client.completions.create(model="m", prompt="Sentiment:", max_tokens=3, temperature=0, logprobs=5,
+                                     extra_body={"structured_outputs": {"choice": ["zzz", "qqq"]}})
+    assert held.choices[0].text in ("zzz", "qqq")
+    assert held.choices[0].logprobs.top_logprobs[0] == pytest.approx(free.choices[0].logprobs.top_logprobs[0])
+    assert all(-1e4 < lp < 0 for lp in held.choices[0].logprobs.token_logprobs)
