@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from gptlab.cli import command
 from gptlab.data.corpus import corpus_texts
@@ -46,9 +47,16 @@ def prepare_command(
     out: str = "",
     val_fraction: float = 0.01,
     text_field: str = "text",
+    dedup: Literal["exact", "minhash"] | None = None,
+    dedup_threshold: float = 0.7,
+    num_perm: int = 128,
+    filter: list[str] | None = None,
     quiet: bool = False,
 ) -> int:
     """Tokenize a corpus into token shards (uint16/uint32 memmaps) with a held-out validation split.
+
+    With --dedup and/or --filter, whole documents are checked first; each one removed is listed in
+    OUT/removed.jsonl (id, reason, the kept document it duplicates). docs/data.md has the rules.
 
     Args:
         corpus: text files, folders of them, JSONL files, or python-docs (the embedded corpus)
@@ -56,14 +64,64 @@ def prepare_command(
         out: output data dir (-o); default: data/<corpus name>
         val_fraction: share of the text held out for validation
         text_field: the field holding the text in JSONL files
+        dedup: exact (normalised-text hash) or minhash (near-duplicates too)
+        dedup_threshold: minhash: the estimated Jaccard similarity of word 2-grams that makes a duplicate
+        num_perm: minhash: permutations per signature (more: finer estimates, slower)
+        filter: quality rules: default, none, RULE, -RULE, RULE=VALUE (e.g. default -max_digit_ratio min_words=20)
         quiet: no progress bar
     """
+    from gptlab.data.quality import Cleaner, Deduper, parse_filters
+
+    rules = parse_filters(filter or [])
+    deduper = Deduper(dedup, dedup_threshold, num_perm) if dedup else None
+    cleaner = Cleaner(deduper, rules) if deduper is not None or rules else None
     if not tokenizer:
         raise GptlabError("pass --tokenizer DIR (make one with `gptlab tokenizer train CORPUS --out DIR`)")
     dest = Path(out or Path("data") / Path(corpus[0]).name)
     manifest = prepare(corpus, tokenizer, dest, val_fraction=val_fraction, text_field=text_field,
-                       show_progress=not quiet)
+                       show_progress=not quiet, cleaner=cleaner)
     s = manifest["splits"]
     print(f"{dest}: {s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({manifest['dtype']}), "
           f"{manifest['bytes_per_token']:.2f} bytes per token")
+    if cleaner is not None:
+        c = manifest["quality"]["counts"]
+        why = ", ".join(f"{k} {v:,}" for k, v in sorted(c.items()) if k not in ("documents", "kept"))
+        print(f"kept {c.get('kept', 0):,} of {c.get('documents', 0):,} documents"
+              f"{'; removed: ' + why if why else ''} (listed in {dest / 'removed.jsonl'})")
+    return 0
+
+
+@command("contamination")
+def contamination_command(
+    train: str,
+    eval: list[str],
+    out: str = "",
+    ngram: int = 13,
+    max_train_docs: int = 10,
+    text_field: str = "text",
+    quiet: bool = False,
+) -> int:
+    """Find eval examples that overlap the training data (GPT-3's n-gram test) and split each eval file.
+
+    Writes OUT/<name>.contaminated.jsonl (the rows, each with the n-gram it shares), OUT/<name>.clean.jsonl
+    (evaluate on these) and OUT/report.json + report.md. docs/data.md has the method.
+
+    Args:
+        train: training data: text files, a folder, JSONL, python-docs, or a `gptlab prepare` data dir
+        eval: eval files: JSONL rows (as `gptlab eval` reads them) or text files, one example per line
+        out: output dir (-o); default: contamination/<first eval file's name>
+        ngram: words per n-gram (examples shorter than this use their whole text)
+        max_train_docs: n-grams in more training documents than this are common phrases and ignored
+        text_field: the field holding the text in training JSONL files
+        quiet: no progress bar
+    """
+    from gptlab.data.contamination import find_contamination
+
+    dest = Path(out or Path("contamination") / Path(eval[0]).stem)
+    report = find_contamination(train, eval, dest, ngram=ngram, max_train_docs=max_train_docs,
+                                text_field=text_field, show_progress=not quiet and sys.stderr.isatty())
+    for f in report.files:
+        print(f"{f['file']}: {f['contaminated']} of {f['examples']} examples contaminated "
+              f"({100 * f['contaminated_fraction']:.1f}%), {f['clean']} clean -> {dest / (f['name'] + '.clean.jsonl')}")
+    print(f"report: {dest / 'report.md'}")
     return 0

@@ -20,7 +20,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,13 @@ def prepare(
     shard_tokens: int = 1 << 27,
     show_progress: bool = True,
     tokenizer_source: str | None = None,
+    cleaner=None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into DATA (see the module docstring); returns the manifest. Replaces DATA atomically.
 
     tokenizer: a gptlab Tokenizer, or the path of a tokenizer dir.
+    cleaner: a gptlab.data.quality.Cleaner: whole documents go through it first; the ones it removes are
+    listed in DATA/removed.jsonl and counted in the manifest's "quality".
     """
     from tqdm.auto import tqdm
 
@@ -130,7 +133,9 @@ def prepare(
 
         batch: list[tuple[str, bool]] = []
         size = 0
-        for piece, ends in read_corpus(corpus, text_field):
+        removed = None if cleaner is None else open(tmp / "removed.jsonl", "w", encoding="utf-8")
+        source = read_corpus(corpus, text_field) if cleaner is None else _cleaned(corpus, text_field, cleaner, removed)
+        for piece, ends in source:
             batch.append((piece, ends))
             size += len(piece)
             if size >= BATCH_CHARS:
@@ -138,6 +143,8 @@ def prepare(
                 batch, size = [], 0
         flush(batch)
         bar.close()
+        if removed is not None:
+            removed.close()
         splits = {s: w.close() for s, w in writers.items()}
         name = ", ".join(map(str, [corpus] if isinstance(corpus, (str, Path)) else corpus))
         if splits["train"]["bytes"] == 0:
@@ -163,12 +170,29 @@ def prepare(
             "bytes_per_token": total_bytes / max(1, total_tokens),
             "splits": splits,
         }
+        if cleaner is not None:
+            manifest["quality"] = cleaner.summary()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _cleaned(corpus, text_field: str, cleaner, removed) -> Iterator[tuple[str, bool]]:
+    """The kept documents as (piece, ends_document); each removed one a line of removed.jsonl."""
+    from gptlab.data.corpus import _pieces
+    from gptlab.data.quality import read_documents
+
+    for doc in read_documents(corpus, text_field):
+        row = cleaner.check(doc)
+        if row is not None:
+            removed.write(json.dumps(row, ensure_ascii=False) + "\n")
+            continue
+        pieces = list(_pieces(doc.text))
+        for i, piece in enumerate(pieces):
+            yield piece, i == len(pieces) - 1
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
