@@ -168,13 +168,7 @@ def main() -> None:
                         print(f"{kind:6s} {server:12s} {n:3d} streams: {r['tok_s']:8.1f} tok/s  "
                               f"ttft {1000 * r['ttft']:7.0f} ms  itl {1000 * r['itl']:6.1f} ms", flush=True)
             finally:
-                for proc in procs.values():
-                    os.killpg(proc.pid, signal.SIGTERM)
-                for proc in procs.values():
-                    try:
-                        proc.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
+                stop(list(procs.values()))
         print("\nratios (gptlab / transformers aggregate tok/s; gptlab n streams / gptlab 1 stream):")
         for kind in args.models:
             for n in args.streams:
@@ -183,6 +177,17 @@ def main() -> None:
                 vs = f"{best(ours)['tok_s'] / best(peer)['tok_s']:.2f}x" if ours and peer else "-"
                 scale = f"{best(ours)['tok_s'] / best(one_stream)['tok_s']:.2f}x" if ours and one_stream else "-"
                 print(f"  {kind:6s} {n:3d} streams: vs transformers {vs:>7s}   vs our 1 stream {scale:>7s}")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each server's process group, then SIGKILL what has not exited within a minute."""
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def best(rounds: list[dict]) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import _port, best, build, wait_up  # noqa: E402
+from bench_serve import _port, best, build, stop, wait_up  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "summary": {"type": "string"},
                                            "tags": {"type": "array", "items": {"type": "string"}}},
@@ -127,11 +126,7 @@ def main() -> None:
                     r = best(table[(w, n)])
                     print(f"{w:12s} {n:3d} streams: {r['tok_s']:8.1f} tok/s ({r['tokens']} tokens)", flush=True)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop([proc])
     print("\nratios:")
     for n in args.streams:
         for w, ref in [("json_schema", "free"), ("regex", "free"), ("mixed", "base"), ("adapter", "base")]:
