@@ -10,6 +10,7 @@ from gptlab.cli import command
 from gptlab.data.corpus import corpus_texts
 from gptlab.data.shards import prepare
 from gptlab.errors import GptlabError
+from gptlab.formats.files import check_destination
 from gptlab.tokenizer import train_tokenizer
 
 
@@ -32,6 +33,7 @@ def tokenizer_train(
         min_frequency: a pair must occur this often to be merged
         quiet: no progress bar
     """
+    check_destination(out, ("tokenizer.json", "tokenizer_config.json"), "the tokenizer dir")
     tok = train_tokenizer(corpus_texts(corpus, text_field), vocab_size=vocab_size, min_frequency=min_frequency,
                           show_progress=not quiet and sys.stderr.isatty())
     tok.save(Path(out))
@@ -51,6 +53,7 @@ def prepare_command(
     dedup_threshold: float = 0.7,
     num_perm: int = 128,
     filter: list[str] | None = None,
+    overwrite: bool = False,
     quiet: bool = False,
 ) -> int:
     """Tokenize a corpus into token shards (uint16/uint32 memmaps) with a held-out validation split.
@@ -68,6 +71,7 @@ def prepare_command(
         dedup_threshold: minhash: the estimated Jaccard similarity of word 2-grams that makes a duplicate
         num_perm: minhash: permutations per signature (more: finer estimates, slower)
         filter: quality rules: default, none, RULE, -RULE, RULE=VALUE (e.g. default -max_digit_ratio min_words=20)
+        overwrite: replace OUT even when it holds files gptlab did not write
         quiet: no progress bar
     """
     from gptlab.data.quality import Cleaner, Deduper, parse_filters
@@ -79,7 +83,7 @@ def prepare_command(
         raise GptlabError("pass --tokenizer DIR (make one with `gptlab tokenizer train CORPUS --out DIR`)")
     dest = Path(out or Path("data") / Path(corpus[0]).name)
     manifest = prepare(corpus, tokenizer, dest, val_fraction=val_fraction, text_field=text_field,
-                       show_progress=not quiet, cleaner=cleaner)
+                       show_progress=not quiet, cleaner=cleaner, overwrite=overwrite)
     s = manifest["splits"]
     print(f"{dest}: {s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({manifest['dtype']}), "
           f"{manifest['bytes_per_token']:.2f} bytes per token")
@@ -118,6 +122,7 @@ def contamination_command(
     from gptlab.data.contamination import find_contamination
 
     dest = Path(out or Path("contamination") / Path(eval[0]).stem)
+    check_destination(dest, ("report.json",), "the output dir")
     report = find_contamination(train, eval, dest, ngram=ngram, max_train_docs=max_train_docs,
                                 text_field=text_field, show_progress=not quiet and sys.stderr.isatty())
     for f in report.files:

@@ -30,7 +30,7 @@ import torch
 from gptlab.data import pydocs
 from gptlab.data.corpus import corpus_fingerprint, corpus_texts, read_corpus
 from gptlab.errors import GptlabError
-from gptlab.formats.files import read_json, replace_dir
+from gptlab.formats.files import check_destination, read_json, replace_dir
 
 FORMAT = "gptlab-tokens-1"
 BATCH_CHARS = 1 << 20  # characters handed to the tokenizer per encode_batch call (it parallelises inside)
@@ -88,6 +88,7 @@ def prepare(
     show_progress: bool = True,
     tokenizer_source: str | None = None,
     cleaner=None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Tokenize a corpus into DATA (see the module docstring); returns the manifest. Replaces DATA atomically.
 
@@ -95,6 +96,7 @@ def prepare(
     cleaner: a gptlab.data.quality.Cleaner: whole documents go through it first; the ones it removes are
     listed in DATA/removed.jsonl and counted in the manifest's "quality".
     """
+    check_destination(out, ("manifest.json",), "the data dir", overwrite)
     from tqdm.auto import tqdm
 
     from gptlab.tokenizer import load_tokenizer

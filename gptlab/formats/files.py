@@ -40,6 +40,26 @@ def staged_dir(dest: Path):
         raise
 
 
+def check_destination(dest: str | os.PathLike, markers: tuple[str, ...], what: str, overwrite: bool = False) -> Path:
+    """Refuse, before any work, to replace what the user has: `dest` must be absent, an empty dir, or a dir
+    gptlab wrote (holding one of `markers`, e.g. manifest.json) unless `overwrite`; never a file, the current
+    dir or one of its parents. Returns dest as a Path."""
+    dest = Path(dest)
+    if dest.is_file() or (dest.exists() and not dest.is_dir()):
+        raise GptlabError(f"{what} {dest} is a file, not a directory; choose a directory path with -o")
+    if not dest.exists():
+        return dest
+    here = Path.cwd().resolve()
+    if dest.resolve() == here or dest.resolve() in here.parents:
+        raise GptlabError(f"{what} {dest} is the current directory (or holds it); choose a new directory with -o")
+    entries = sorted(p.name for p in dest.iterdir())
+    if not entries or overwrite or any((dest / m).exists() for m in markers):
+        return dest
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise GptlabError(f"{what} {dest} already holds files gptlab did not write ({shown}); choose a new or empty "
+                      f"directory, or pass --overwrite to replace it")
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -58,6 +78,13 @@ def replace_dir(new: Path, dest: Path) -> None:
     """
     for f in sorted(new.rglob("*"), reverse=True):  # files before the dirs that hold them
         _fsync(f)
+    # mkdtemp made `new` 0700: give it the mode of the dir it replaces, or what a mkdir would give
+    if dest.is_dir():
+        os.chmod(new, dest.stat().st_mode & 0o7777)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(new, 0o777 & ~umask)
     _fsync(new)
     old = None
     if dest.exists():

@@ -9,6 +9,8 @@ samples the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -42,14 +44,16 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GptlabError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GptlabError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise GptlabError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise GptlabError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GptlabError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise GptlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise GptlabError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop or []):
+            raise GptlabError("stop strings must not be empty (an empty one would end every reply at once)")
         if self.no_repeat_ngram_size < 0:
             raise GptlabError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:

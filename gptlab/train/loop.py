@@ -103,6 +103,27 @@ class LoopConfig:
     quiet: bool = False  # no progress bar or log lines
     peak_tflops: float = 0.0  # device peak for MFU (0 = measure it)
 
+def check_loop_config(cfg: LoopConfig) -> None:
+    """One clear error for a loop setting that would train nothing or train wrong (run before any work)."""
+    ints = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
+            "eval_batches": 1, "log_every": 1, "save_every": 0, "patience": 0, "stop_at_step": 0}
+    for name, low in ints.items():
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise GptlabError(f"{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+    floats = {"lr": (0.0, False), "min_lr": (0.0, True), "weight_decay": (0.0, True), "eps": (0.0, False),
+              "grad_clip": (0.0, True)}
+    for name, (low, inclusive) in floats.items():
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or (v < low if inclusive else v <= low):
+            raise GptlabError(f"{name.replace('_', '-')} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                              f"got {v!r}")
+    for name in ("beta1", "beta2"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise GptlabError(f"{name} must be in [0, 1), got {v!r}")
+
+
 class BatchSource(Protocol):
     """Numbered batches: micro-batch `index` of process `rank` out of `world` (see the module docstring)."""
 
@@ -184,6 +205,7 @@ class Trainer:
         find_unused_parameters: bool = False,
     ) -> None:
         self.config = cfg = config
+        check_loop_config(cfg)
         self.device = device or pick_device(cfg.device)
         self.dist = dist or init_distributed(self.device)
         self.model = model.to(self.device)
@@ -261,9 +283,15 @@ class Trainer:
         for p in self.params:
             if p.grad is not None:
                 p.grad.mul_(scale)
-        grad_norm = torch.zeros(())
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        # clip_grad_norm_ with an infinite bound measures without clipping: a non-finite loss or gradient must
+        # stop the run before the optimizer writes it into the weights
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        loss_value = totals[0] / n_items
+        if not (torch.isfinite(loss_value) and torch.isfinite(grad_norm)):
+            what = "loss" if not torch.isfinite(loss_value) else "gradient norm"
+            raise GptlabError(f"step {self.step + 1}: the {what} is {float(loss_value if what == 'loss' else grad_norm)}; "
+                              f"training stopped before this step changed the weights (checkpoints on disk are "
+                              f"from earlier steps). Lower --lr, or check the data")
         self.optimizer.step()
         self.step += 1
         return {"loss": (totals[0] / n_items).item(), "lr": lr, "grad_norm": float(grad_norm),

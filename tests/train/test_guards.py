@@ -1,0 +1,60 @@
+"""Runs that would train nothing or train wrong stop with one clear line before any work, and a run whose loss
+or gradient stops being finite ends before the optimizer writes it into the weights, its checkpoints intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab import cli
+from tests.cli.test_cli import assert_one_line_error, run
+from tests.train.test_train import pydocs  # noqa: F401  (the fixture)
+
+
+def _recipe(tmp_path, pydocs, **extra):  # noqa: F811
+    fields = {"data": pydocs, "out_dir": tmp_path / "run", "max_steps": 6, "batch_size": 4, "warmup_steps": 0,
+              "eval_every": 3, "eval_batches": 2, "sample_tokens": 4, "precision": "fp32", **extra}
+    text = "".join(f"{k}: {v}\n" for k, v in fields.items())
+    text += "model:\n  n_layer: 1\n  n_head: 2\n  n_embd: 32\n  context_length: 32\n"
+    (tmp_path / "r.yaml").write_text(text)
+    return str(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--grad-accum", "0", "grad-accum must be an integer >= 1"),
+    ("--max-steps", "-5", "max-steps must be an integer >= 1"),
+    ("--batch-size", "0", "batch-size must be an integer >= 1"),
+    ("--lr", "nan", "lr must be a finite number > 0"),
+    ("--lr", "-1", "lr must be a finite number > 0"),
+    ("--beta2", "1.5", "beta2 must be in [0, 1)"),
+    ("--grad-clip", "inf", "grad-clip must be a finite number >= 0"),
+])
+def test_settings_that_train_nothing_are_refused_before_any_work(capsys, tmp_path, pydocs, option, value, says):  # noqa: F811
+    code, _, err = run(capsys, "train", _recipe(tmp_path, pydocs), option, value)
+    assert_one_line_error(code, err, says)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_diverging_run_stops_and_saves_no_nan_weights(capsys, tmp_path, pydocs):  # noqa: F811
+    import gptlab
+
+    recipe = _recipe(tmp_path, pydocs, max_steps=40, eval_every=2, lr=1e30, min_lr=0, grad_clip=0)
+    code, _, err = run(capsys, "train", recipe)
+    assert_one_line_error(code, err, "training stopped before this step changed the weights")
+    assert not (tmp_path / "run" / "final").exists()
+    for ckpt in ("last", "best"):
+        if (tmp_path / "run" / ckpt).exists():
+            m = gptlab.load(tmp_path / "run" / ckpt)
+            assert all(torch.isfinite(p).all() for p in m.parameters()), ckpt
+
+
+@pytest.mark.parametrize("args, says", [(["--temperature", "nan"], "temperature must be a finite number"),
+                                        (["--temperature", "inf"], "temperature must be a finite number"),
+                                        (["--stop", ""], "stop strings must not be empty")])
+def test_generate_refuses_values_that_sample_wrong(capsys, tiny_gpt2_dir, args, says):
+    code, _, err = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x", *args)
+    assert_one_line_error(code, err, says)
+
+
+def test_the_cli_entry_returns_nonzero_not_a_traceback(tmp_path, pydocs):  # noqa: F811
+    assert cli.main(["train", _recipe(tmp_path, pydocs), "--grad-accum", "0"]) != 0
