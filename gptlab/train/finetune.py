@@ -223,8 +223,10 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     metrics = trainer.fit()
     result = FinetuneResult(unwrap(trainer.model), tok, metrics, Path(cfg.out_dir), names, bool(metrics.get("stopped")))
     if result.stopped:
+        trainer.release()
         return result
     final = trainer.save_checkpoint("final", with_state=False)
+    trainer.release()
     metrics["wall_s"] = time.perf_counter() - t0
     if cfg.method == "lora" and cfg.save_merged and dist.main:
         best = Path(cfg.out_dir) / "best"

@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -58,6 +59,7 @@ import torch.nn as nn
 from gptlab.errors import GptlabError
 from gptlab.formats.files import replace_dir
 from gptlab.models import stats
+from gptlab.train.guards import RUN_ENTRIES, RunLock, check_loop_config
 from gptlab.train.losses import next_token_loss
 from gptlab.train.runtime import Dist, autocast_dtype, init_distributed, measure_peak_flops, pick_device, sync, unwrap
 from gptlab.train.savers import HFSaver
@@ -99,30 +101,10 @@ class LoopConfig:
     maximize: bool = False  # larger best_metric is better (accuracy)
     patience: int = 0  # stop after N evals not improving (0 = never)
     resume: bool = False  # continue from out_dir/last
+    overwrite: bool = False  # replace the run already in out_dir
     stop_at_step: int = 0  # end this session at this step (0 = off)
     quiet: bool = False  # no progress bar or log lines
     peak_tflops: float = 0.0  # device peak for MFU (0 = measure it)
-
-def check_loop_config(cfg: LoopConfig) -> None:
-    """One clear error for a loop setting that would train nothing or train wrong (run before any work)."""
-    ints = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
-            "eval_batches": 1, "log_every": 1, "save_every": 0, "patience": 0, "stop_at_step": 0}
-    for name, low in ints.items():
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise GptlabError(f"{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-    floats = {"lr": (0.0, False), "min_lr": (0.0, True), "weight_decay": (0.0, True), "eps": (0.0, False),
-              "grad_clip": (0.0, True)}
-    for name, (low, inclusive) in floats.items():
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or (v < low if inclusive else v <= low):
-            raise GptlabError(f"{name.replace('_', '-')} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                              f"got {v!r}")
-    for name in ("beta1", "beta2"):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise GptlabError(f"{name} must be in [0, 1), got {v!r}")
-
 
 class BatchSource(Protocol):
     """Numbered batches: micro-batch `index` of process `rank` out of `world` (see the module docstring)."""
@@ -219,6 +201,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.flops_per_token = flops_per_token  # for MFU
         self.find_unused_parameters = find_unused_parameters  # DDP: e.g. routed experts no token picked
+        self._lock: RunLock | None = None
         self.params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg, self.device)
         self.step = 0  # optimizer steps taken
@@ -402,6 +385,29 @@ class Trainer:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, record["step"])
 
+    def _check_fresh_out_dir(self) -> None:
+        """A new run must not silently replace a finished or interrupted one, nor the user's own files."""
+        out, cfg = self.out_dir, self.config
+        if not out.is_dir():
+            return
+        ours = [n for n in RUN_ENTRIES if (out / n).exists()]
+        others = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+        if ours and not cfg.overwrite:
+            raise GptlabError(f"{out} holds a run ({', '.join(ours)}); pass --resume to continue it, --overwrite to "
+                              f"start over, or choose another --out-dir")
+        if others and not cfg.overwrite:
+            raise GptlabError(f"{out} holds files that are not a gptlab run ({', '.join(others[:3])}); choose "
+                              f"another --out-dir (or --overwrite to train there anyway)")
+        for n in ours:  # --overwrite: the earlier run's own checkpoints and logs go, nothing else
+            target = out / n
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    def release(self) -> None:
+        """Let another process use out_dir (fit holds it until this, or until the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _open_logs(self, resumed: bool) -> None:
         if not self.dist.main:
             return
@@ -456,8 +462,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to max_steps (or until early stopping / stop_at_step); returns the last metrics."""
         cfg = self.config
+        if self.dist.main:
+            self._lock = self._lock or RunLock(self.out_dir)
         resumed = False
         last = self._resumable() if cfg.resume else None
+        if last is None and self.dist.main:
+            self._check_fresh_out_dir()
         if last is not None:
             self.load_checkpoint(last)
             resumed = True

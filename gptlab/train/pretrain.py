@@ -134,8 +134,10 @@ def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
                       find_unused_parameters=model.config.mlp == "moe")
     result = trainer.fit()
     if result.get("stopped"):
+        trainer.release()
         return result
     final = trainer.save_checkpoint("final", with_state=False)
+    trainer.release()
     result["wall_s"] = time.perf_counter() - t0
     if dist.main and not cfg.quiet:
         bpb = result.get("val_bpb")

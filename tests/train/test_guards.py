@@ -58,3 +58,44 @@ def test_generate_refuses_values_that_sample_wrong(capsys, tiny_gpt2_dir, args, 
 
 def test_the_cli_entry_returns_nonzero_not_a_traceback(tmp_path, pydocs):  # noqa: F811
     assert cli.main(["train", _recipe(tmp_path, pydocs), "--grad-accum", "0"]) != 0
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(capsys, tmp_path, pydocs):  # noqa: F811
+    recipe = _recipe(tmp_path, pydocs, max_steps=2, eval_every=0)
+    assert run(capsys, "train", recipe)[0] == 0
+    final = tmp_path / "run" / "final" / "model.safetensors"
+    before = final.read_bytes()
+    code, _, err = run(capsys, "train", recipe)
+    assert_one_line_error(code, err, "holds a run", "--resume", "--overwrite")
+    assert final.read_bytes() == before
+    assert run(capsys, "train", recipe, "--overwrite", "--seed", "7")[0] == 0
+    assert final.read_bytes() != before
+
+
+def test_an_out_dir_of_user_files_is_refused(capsys, tmp_path, pydocs):  # noqa: F811
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "train", _recipe(tmp_path, pydocs, max_steps=2))
+    assert_one_line_error(code, err, "not a gptlab run (notes.txt)")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_writer_is_refused_at_once_and_a_stale_lock_taken_over(capsys, tmp_path, pydocs):  # noqa: F811
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / ".gptlab.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        code, _, err = run(capsys, "train", _recipe(tmp_path, pydocs, max_steps=2))
+        assert_one_line_error(code, err, f"in use by another gptlab run (pid {other.pid}")
+        assert json.loads(lock.read_text())["pid"] == other.pid  # the owner's lock is left alone
+    finally:
+        other.kill()
+        other.wait()
+    assert run(capsys, "train", _recipe(tmp_path, pydocs, max_steps=2))[0] == 0  # its process is gone: stale
+    assert not lock.exists()  # released at the end
