@@ -86,6 +86,8 @@ def eval_command(
     if task is None:
         raise GptlabError("--task is required (perplexity, lambada, multiple_choice, qa, classification, "
                           "or a benchmark name such as hellaswag)")
+    if out is not None and Path(out).is_dir():
+        raise GptlabError(f"--out {out} is a directory; give the path of the JSON file to write")
     options = dict(window=window, stride=stride, detokenize=detokenize, num_fewshot=num_fewshot,
                    fewshot_data=fewshot_data, seed=seed, labels=labels or None,
                    template=template and _unescape(template), max_new_tokens=max_new_tokens,

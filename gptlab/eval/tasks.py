@@ -34,6 +34,28 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+def _check_options(opts: dict[str, Any], limit: int | None, batch_size: int) -> None:
+    """Values that would run with a silent default or a wrong count: one clear error instead."""
+    at_least = {"window": 1, "stride": 1, "num_fewshot": 0, "max_new_tokens": 1, "bootstrap_iters": 0}
+    for name, low in at_least.items():
+        v = opts.get(name)
+        if v is not None and v < low:
+            raise GptlabError(f"{name.replace('_', '-')} must be >= {low}, got {v}")
+    if limit is not None and limit < 1:
+        raise GptlabError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise GptlabError(f"batch-size must be >= 1, got {batch_size}")
+    labels = opts.get("labels")
+    if labels:
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise GptlabError(f"--labels must be distinct; {', '.join(map(repr, twice))} appears more than once")
+    if opts.get("stop") is not None and any(not x for x in opts["stop"]):
+        raise GptlabError("stop strings must not be empty (an empty one would end every answer at once)")
+    if opts.get("rel_tol") is not None and not 0 <= opts["rel_tol"] < 1:
+        raise GptlabError(f"rel-tol must be in [0, 1), got {opts['rel_tol']}")
+
+
 def evaluate(
     model,
     task: str,
@@ -70,14 +92,18 @@ def evaluate(
     if misplaced:
         raise GptlabError(f"option(s) {', '.join(misplaced)} do not apply to task {task}")
     opts = {k: options.get(k, _DEFAULTS[k]) for k in _OPTIONS[task]}
-    if limit is not None and limit < 1:
-        raise GptlabError(f"limit must be >= 1, got {limit}")
+    _check_options(opts, limit, batch_size)
     if data is None:
         if task not in DEFAULT_DATA:
             raise GptlabError(f"task {task} needs --data (a JSONL file)")
         data = DEFAULT_DATA[task]
     source = str(data)
     docs = load_docs(data, limit, text_ok=task == "perplexity")
+    if not docs:
+        raise GptlabError(f"{source} holds no examples")
+    if task == "perplexity" and not any(isinstance(d.get(opts["field"]), str) and d[opts["field"]].strip()
+                                        for d in docs):
+        raise GptlabError(f"{source} holds no text to measure perplexity on")
     fewshot_docs = load_docs(opts["fewshot_data"]) if opts.get("fewshot_data") else None
 
     if isinstance(model, (str, os.PathLike)):

@@ -69,3 +69,25 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--task", "perplexity", "--stride", "0"], "stride must be >= 1"),
+    (["--task", "perplexity", "--window", "0"], "window must be >= 1"),
+    (["--task", "multiple_choice", "--num-fewshot", "-1"], "num-fewshot must be >= 0"),
+    (["--task", "classification", "--labels", "a", "b", "a"], "'a' appears more than once"),
+    (["--task", "qa", "--stop", ""], "stop strings must not be empty"),
+    (["--task", "perplexity", "--out", "."], "is a directory"),
+])
+def test_eval_values_that_would_run_wrong_are_refused_first(capsys, tmp_path, tiny_gpt2_dir, args, says):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b c", "question": "q", "answer": "1", "context": "c", "choices": ["x", "y"], '
+                    '"label": 0}\n')
+    code, _, err = run(capsys, "eval", str(tiny_gpt2_dir), "--data", str(data), *args)
+    assert_one_line_error(code, err, says)
+
+
+def test_eval_perplexity_of_an_empty_file_is_an_error_not_nan(capsys, tmp_path, tiny_gpt2_dir):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    code, _, err = run(capsys, "eval", str(tiny_gpt2_dir), "--task", "perplexity", "--data", str(tmp_path / "empty.txt"))
+    assert_one_line_error(code, err, "no text to measure perplexity on")
