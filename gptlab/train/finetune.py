@@ -84,6 +84,14 @@ class FinetuneConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         self.task = self.ALIASES["task"].get(self.task, self.task)
+        check = {"val-fraction": (self.val_fraction, 0.0 <= self.val_fraction < 1.0, "in [0, 1)"),
+                 "seq-len": (self.seq_len, self.seq_len >= 0, ">= 0 (0 = the context length)"),
+                 "lora-r": (self.lora_r, self.lora_r >= 1, ">= 1"),
+                 "lora-alpha": (self.lora_alpha, math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "> 0"),
+                 "lora-dropout": (self.lora_dropout, 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")}
+        for name, (value, ok, allowed) in check.items():
+            if not ok:
+                raise GptlabError(f"{name} must be {allowed}, got {value}")
 
 
 @dataclass

@@ -99,3 +99,15 @@ def test_a_second_writer_is_refused_at_once_and_a_stale_lock_taken_over(capsys, 
         other.wait()
     assert run(capsys, "train", _recipe(tmp_path, pydocs, max_steps=2))[0] == 0  # its process is gone: stale
     assert not lock.exists()  # released at the end
+
+
+@pytest.mark.parametrize("args, says", [(["--val-fraction", "1.5"], "val-fraction must be in [0, 1)"),
+                                        (["--max-len", "-3"], "seq-len must be >= 0"),
+                                        (["--lora-r", "0"], "lora-r must be >= 1"),
+                                        (["--lora-dropout", "1"], "lora-dropout must be in [0, 1)")])
+def test_finetune_values_that_train_wrong_are_refused(capsys, tmp_path, tiny_gpt2_dir, args, says):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    code, _, err = run(capsys, "finetune", str(tiny_gpt2_dir), "--data", str(tmp_path / "d.jsonl"),
+                       "--out-dir", str(tmp_path / "ft"), *args)
+    assert_one_line_error(code, err, says)
+    assert not (tmp_path / "ft").exists()
