@@ -76,6 +76,10 @@ def chat(
     tok = load_tokenizer(model)
     if not plain:
         require_template(tok)  # fail before loading the weights
+    from gptlab.infer.sampling import Sampling
+
+    Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+             repetition_penalty=repetition_penalty, seed=seed)  # bad values fail before the weights load
     m = hf.load(model, dtype=dtype, device=device)
     conversation = Chat(m, tok, system=system, plain=plain, template_args=args, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,

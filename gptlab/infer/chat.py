@@ -16,6 +16,7 @@ from typing import Any
 
 from gptlab.errors import GptlabError
 from gptlab.infer.generate import PromptCache, generate
+from gptlab.infer.sampling import Sampling
 
 # opt-in transcript for models without a chat template (base models): "User: ...\nAssistant: ..."
 TRANSCRIPT_TEMPLATE = (
@@ -59,6 +60,7 @@ class Chat:
         self.template_args = template_args or {}
         stop = TRANSCRIPT_STOP if plain else end_of_turn(tokenizer)
         self.sampling = {**sampling, "stop": [*sampling.get("stop", []), *stop]}
+        Sampling(**{k: v for k, v in self.sampling.items() if k in Sampling.__dataclass_fields__})  # bad values: now
         self.messages: list[dict[str, str]] = []
         self.cache = PromptCache()  # each turn prefills only what the history does not already hold
         self.reset()

@@ -111,3 +111,11 @@ def test_finetune_values_that_train_wrong_are_refused(capsys, tmp_path, tiny_gpt
                        "--out-dir", str(tmp_path / "ft"), *args)
     assert_one_line_error(code, err, says)
     assert not (tmp_path / "ft").exists()
+
+
+def test_chat_with_a_bad_reply_length_ends_with_one_error(capsys, tmp_path, tiny_gpt2_dir, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    code, _, err = run(capsys, "chat", str(tiny_gpt2_dir), "--plain", "--max-new-tokens", "-1")
+    assert_one_line_error(code, err, "max_new_tokens must be >= 1")
