@@ -254,6 +254,24 @@ def ensure_prepared(
 # reading shards: numbered batches
 
 
+def _open_shard(data: Path, shard: dict[str, Any], dtype: np.dtype, vocab: int | None) -> np.memmap:
+    """A shard as a memmap, checked against the manifest: present, exactly its token count long, and no id
+    outside the vocabulary (a truncated or foreign file is an error, never a shorter or wrong dataset)."""
+    path = data / shard["file"]
+    if not path.is_file():
+        raise GptlabError(f"{path} is missing (the manifest lists it); prepare the data again")
+    expected = int(shard["tokens"]) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        raise GptlabError(f"{path} is {size:,} bytes but the manifest says {shard['tokens']:,} tokens "
+                          f"({expected:,} bytes): truncated or replaced; prepare the data again")
+    m = np.memmap(path, dtype=dtype, mode="r")
+    if vocab is not None and m.size and int(m.max()) >= int(vocab):
+        raise GptlabError(f"{path} holds token id {int(m.max())}, outside the vocabulary of {vocab}; prepare the "
+                          f"data again")
+    return m
+
+
 class TokenWindows:
     """Windows of seq_len + 1 tokens from one split, as numbered batches {"input_ids", "labels"} (B, T).
 
@@ -272,7 +290,7 @@ class TokenWindows:
         if split not in manifest["splits"]:
             raise GptlabError(f"{data_dir} has no {split!r} split")
         dtype = np.dtype(manifest["dtype"])
-        self.shards = [np.memmap(self.dir / s["file"], dtype=dtype, mode="r")
+        self.shards = [_open_shard(self.dir, s, dtype, manifest.get("vocab_size"))
                        for s in manifest["splits"][split]["shards"] if s["tokens"]]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.n_tokens = int(self.starts[-1])

@@ -186,3 +186,22 @@ def test_python_docs_corpus_is_deterministic_and_has_no_side_effects(capsys):
     import sys
 
     assert "antigravity" not in sys.modules and "turtle" not in sys.modules
+
+
+@pytest.mark.parametrize("damage, says", [("truncate", "truncated or replaced"), ("missing", "is missing"),
+                                          ("foreign", "outside the vocabulary")])
+def test_damaged_shards_are_named_not_trained_on(tmp_path, tiny_tokenizer, damage, says):
+    out = tmp_path / "data"
+    prepare("python-docs", tiny_tokenizer, out, show_progress=False)
+    shard = out / read_manifest(out)["splits"]["train"]["shards"][0]["file"]
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2 // 2 * 2])  # an even size: still whole tokens
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        arr = np.frombuffer(data, dtype=np.uint16).copy()
+        arr[10] = 60000
+        shard.write_bytes(arr.tobytes())
+    with pytest.raises(GptlabError, match=says):
+        TokenWindows(out, "train", 32, 4)
