@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gptlab.dtypes import parse_dtype
+from gptlab.dtypes import parse_device, parse_dtype
 from gptlab.errors import GptlabError, reason
 from gptlab.formats import families
 from gptlab.formats.files import read_json, staged_dir
@@ -122,7 +122,7 @@ def load_with_extras(
     config = read_config(path)
     raw = read_json(path / "config.json")
     dtype = parse_dtype(dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32")
-    device = torch.device(device or "cpu")
+    device = parse_device(device)
     files = _weight_files(path)
 
     with torch.device("meta"):

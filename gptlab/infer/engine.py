@@ -196,6 +196,12 @@ class Engine:
         eos = stop_ids(c, s.eos_id, self.tokenizer)
         start = c.bos_token_id if c.bos_token_id is not None else min(eos, default=None)
         ids = fit_prompt(self.encode(prompt), s.max_new_tokens, c.context_length, s.truncate, start)
+        if ids and not 0 <= min(ids) <= max(ids) < c.vocab_size:
+            bad = next(t for t in ids if not 0 <= t < c.vocab_size)
+            raise GptlabError(f"token id {bad} is outside the model's vocabulary of {c.vocab_size}"
+                              + (f" (the tokenizer has {self.tokenizer.vocab_size} tokens: it does not belong to "
+                                 f"this model)" if self.tokenizer is not None and self.tokenizer.vocab_size >
+                                 c.vocab_size else ""))
         if len(self.scheduler.waiting) + s.n > self.config.max_waiting:
             raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
         if self.blocks.blocks_for(len(ids) + s.max_new_tokens) > self.blocks.num_blocks:

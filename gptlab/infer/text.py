@@ -25,11 +25,14 @@ def fit_prompt(prompt: list[int], max_new_tokens: int, context: int, truncate: b
         prompt = [start_id]
     room = context - max_new_tokens
     if len(prompt) > room:
-        if not truncate or room < 1:
+        if room < 1:
+            raise GptlabError(f"max_new_tokens={max_new_tokens} leaves no room for the {which} in the model's context "
+                              f"of {context}; ask for at most {context - 1} new tokens")
+        if not truncate:
             raise GptlabError(
                 f"{which} of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
                 f"of {context}; shorten the prompt, lower max_new_tokens, or pass truncate=True (--truncate) to "
-                f"keep only the last {max(room, 0)} prompt tokens"
+                f"keep only the last {room} prompt tokens"
             )
         prompt = prompt[len(prompt) - room:]
     return list(prompt)

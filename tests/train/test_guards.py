@@ -119,3 +119,26 @@ def test_chat_with_a_bad_reply_length_ends_with_one_error(capsys, tmp_path, tiny
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     code, _, err = run(capsys, "chat", str(tiny_gpt2_dir), "--plain", "--max-new-tokens", "-1")
     assert_one_line_error(code, err, "max_new_tokens must be >= 1")
+
+
+@pytest.mark.parametrize("device, says", [("cuda", "CUDA is not available"), ("gpu", "unknown device 'gpu'")])
+def test_a_device_that_is_not_here_is_one_error(capsys, tiny_gpt2_dir, device, says):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x", "--device", device)
+    assert_one_line_error(code, err, says)
+
+
+def test_a_tokenizer_bigger_than_the_model_is_named(capsys, tmp_path, tiny_tokenizer):
+    from tests.conftest import make_hf_model, save_hf_model
+
+    small = make_hf_model("gpt2", vocab_size=300, n_positions=256, bos_token_id=0, eos_token_id=0)
+    save_hf_model(small, tmp_path / "m", tiny_tokenizer)  # a 512-token tokenizer on a 300-token model
+    code, _, err = run(capsys, "generate", str(tmp_path / "m"), "--prompt", "The with statement is used to wrap")
+    assert_one_line_error(code, err, "outside the model's vocabulary of 300", "does not belong to this model")
+
+
+def test_truncate_cannot_make_room_that_max_new_tokens_took(capsys, tiny_gpt2_dir):
+    code, _, err = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x y z", "--max-new-tokens", "1000",
+                       "--truncate")
+    assert_one_line_error(code, err, "leaves no room for the prompt", "at most 127 new tokens")
