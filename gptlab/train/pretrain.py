@@ -149,6 +149,15 @@ def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def print_sample(model: nn.Module, tok, prompt: str, n_tokens: int, seed: int) -> None:
+    """The closing sample; a prompt + n_tokens past the context is shortened to fit (and says so), not an
+    error after the training is done."""
     model.eval()
+    room = model.config.context_length - max(1, len(tok.encode(prompt)))
+    if room < 1:
+        print(f"(no sample: the prompt fills the model's context of {model.config.context_length} tokens)")
+        return
+    if n_tokens > room:
+        print(f"(sample shortened to {room} tokens to fit the model's context of {model.config.context_length})")
+        n_tokens = room
     text = generate(model, tok, prompt, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=seed)
     print(f"--- sample ---\n{prompt}{text}\n--------------", flush=True)

@@ -142,3 +142,10 @@ def test_truncate_cannot_make_room_that_max_new_tokens_took(capsys, tiny_gpt2_di
     code, _, err = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x y z", "--max-new-tokens", "1000",
                        "--truncate")
     assert_one_line_error(code, err, "leaves no room for the prompt", "at most 127 new tokens")
+
+
+def test_the_closing_sample_fits_a_short_context(capsys, tmp_path, pydocs):  # noqa: F811
+    recipe = _recipe(tmp_path, pydocs, max_steps=2, eval_every=0, sample_tokens=120)  # context 32
+    code, out, err = run(capsys, "train", recipe)
+    assert code == 0, err
+    assert "sample shortened to" in out and "--- sample ---" in out
