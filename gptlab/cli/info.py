@@ -140,7 +140,17 @@ def _checkpoint_dtype(path: Path) -> str:
     return raw.get("dtype") or raw.get("torch_dtype") or "float32"  # transformers' default when absent
 
 
-def _tokenizer_str(path: Path) -> str:
+def _tokenizer_size(path: Path) -> int | None:
+    """Ids in tokenizer.json (vocabulary + added tokens), or None when it cannot be read cheaply."""
+    try:
+        d = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = list((d.get("model") or {}).get("vocab", {}).values()) + [t["id"] for t in d.get("added_tokens", [])]
+        return max(ids) + 1 if ids and all(isinstance(i, int) for i in ids) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _tokenizer_str(path: Path, vocab_size: int | None = None) -> str:
     cfg: dict[str, Any] = {}
     if (path / "tokenizer_config.json").is_file():
         try:
@@ -156,7 +166,12 @@ def _tokenizer_str(path: Path) -> str:
     else:
         return "none"
     template = bool(cfg.get("chat_template")) or (path / "chat_template.jinja").is_file()
-    return f"{kind}, {'with' if template else 'no'} chat template"
+    size = _tokenizer_size(path) if kind == "tokenizer.json" else None
+    warn = ""
+    if size is not None and vocab_size is not None and size > vocab_size:
+        warn = (f"; WARNING: {size:,} token ids but the model has {vocab_size:,}: ids past it cannot run "
+                f"(not this model's tokenizer?)")
+    return f"{kind}, {'with' if template else 'no'} chat template{warn}"
 
 
 def _weights_str(path: Path) -> str:
@@ -219,7 +234,7 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
         ("flops", f"{human(flops_per_token(c, seq))} per token forward at {seq:,} tokens (x3 to train)"),
     ]
     if path is not None:
-        lines.append(("tokenizer", _tokenizer_str(path)))
+        lines.append(("tokenizer", _tokenizer_str(path, c.vocab_size)))
         lines.append(("files", _weights_str(path) if kind == "dir" else "weights not fetched (info reads config.json)"))
     lines.append(("cpu kernels", kernels.summary()))
     width = max(len(k) for k, _ in lines)

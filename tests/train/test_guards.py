@@ -149,3 +149,11 @@ def test_the_closing_sample_fits_a_short_context(capsys, tmp_path, pydocs):  # n
     code, out, err = run(capsys, "train", recipe)
     assert code == 0, err
     assert "sample shortened to" in out and "--- sample ---" in out
+
+
+def test_info_flags_a_tokenizer_bigger_than_the_model(capsys, tmp_path, tiny_tokenizer):
+    from tests.conftest import make_hf_model, save_hf_model
+
+    save_hf_model(make_hf_model("gpt2", vocab_size=300, n_positions=64), tmp_path / "m", tiny_tokenizer)
+    code, out, _ = run(capsys, "info", str(tmp_path / "m"))
+    assert code == 0 and "WARNING: 512 token ids but the model has 300" in out
