@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.formats.files import replace_dir
+from gptlab.formats.files import read_json, replace_dir
 from gptlab.models import stats
 from gptlab.train.guards import RUN_ENTRIES, RunLock, check_loop_config
 from gptlab.train.losses import next_token_loss
@@ -105,6 +105,18 @@ class LoopConfig:
     stop_at_step: int = 0  # end this session at this step (0 = off)
     quiet: bool = False  # no progress bar or log lines
     peak_tflops: float = 0.0  # device peak for MFU (0 = measure it)
+
+def _load_tensors(path: Path, device: torch.device):
+    """torch.load(weights_only=True) of a trainer state file, with one clear error naming it when it is missing,
+    truncated or not such a file."""
+    if not path.is_file():
+        raise GptlabError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for damaged files
+        raise GptlabError(f"{path} cannot be read ({type(e).__name__}): truncated or damaged; resume from "
+                          f"another checkpoint or start over with --overwrite") from None
+
 
 class BatchSource(Protocol):
     """Numbered batches: micro-batch `index` of process `rank` out of `world` (see the module docstring)."""
@@ -343,16 +355,24 @@ class Trainer:
         state_file = path / "trainer" / "state.json"
         if not state_file.is_file():
             raise GptlabError(f"{path} is not a resumable checkpoint (no trainer/state.json)")
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file)
+        for key, kinds in (("step", int), ("bad_evals", int), ("best", (int, float, type(None)))):
+            if key not in state or isinstance(state[key], bool) or not isinstance(state[key], kinds):
+                raise GptlabError(f"{state_file}: {key!r} is missing or not a number; the checkpoint is damaged")
         if state.get("world", 1) != self.dist.world:
             raise GptlabError(f"{path} was written by {state['world']} processes; resume with the same number "
                               f"(this run has {self.dist.world})")
         self.saver.load(unwrap(self.model), path)
         # weights_only=True: optimizer state and RNG states are plain tensors and numbers, never pickled objects
-        opt = torch.load(path / "trainer" / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(opt)
+        opt = _load_tensors(path / "trainer" / "optimizer.pt", self.device)
+        try:
+            self.optimizer.load_state_dict(opt)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise GptlabError(f"{path / 'trainer' / 'optimizer.pt'} does not fit this run's optimizer: {e}") from None
         rng_file = path / "trainer" / f"rng-{self.dist.rank}.pt"
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        rng = _load_tensors(rng_file, torch.device("cpu"))
+        if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
+            raise GptlabError(f"{rng_file} holds no CPU generator state; the checkpoint is damaged")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)

@@ -157,3 +157,29 @@ def test_info_flags_a_tokenizer_bigger_than_the_model(capsys, tmp_path, tiny_tok
     save_hf_model(make_hf_model("gpt2", vocab_size=300, n_positions=64), tmp_path / "m", tiny_tokenizer)
     code, out, _ = run(capsys, "info", str(tmp_path / "m"))
     assert code == 0 and "WARNING: 512 token ids but the model has 300" in out
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("optimizer.pt", "optimizer.pt cannot be read"),
+    ("state.json", "state.json is not valid JSON"),
+    ("step", "'step' is missing or not a number"),
+    ("rng-0.pt", "rng-0.pt is missing"),
+])
+def test_a_damaged_checkpoint_is_named_file_by_file(capsys, tmp_path, pydocs, damage, says):  # noqa: F811
+    import json
+
+    recipe = _recipe(tmp_path, pydocs, max_steps=4, eval_every=2)
+    assert run(capsys, "train", recipe, "--stop-at-step", "2")[0] == 0
+    trainer = tmp_path / "run" / "last" / "trainer"
+    if damage == "optimizer.pt":
+        data = (trainer / "optimizer.pt").read_bytes()
+        (trainer / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "state.json":
+        (trainer / "state.json").write_text("{not json")
+    elif damage == "step":
+        state = json.loads((trainer / "state.json").read_text())
+        (trainer / "state.json").write_text(json.dumps({**state, "step": "four"}))
+    else:
+        (trainer / "rng-0.pt").unlink()
+    code, _, err = run(capsys, "train", recipe, "--resume")
+    assert_one_line_error(code, err, says)
