@@ -48,6 +48,7 @@ def check_destination(dest: str | os.PathLike, markers: tuple[str, ...], what: s
     if dest.is_file() or (dest.exists() and not dest.is_dir()):
         raise GptlabError(f"{what} {dest} is a file, not a directory; choose a directory path with -o")
     if not dest.exists():
+        _writable_parent(dest, what)
         return dest
     here = Path.cwd().resolve()
     if dest.resolve() == here or dest.resolve() in here.parents:
@@ -58,6 +59,16 @@ def check_destination(dest: str | os.PathLike, markers: tuple[str, ...], what: s
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise GptlabError(f"{what} {dest} already holds files gptlab did not write ({shown}); choose a new or empty "
                       f"directory, or pass --overwrite to replace it")
+
+
+def _writable_parent(dest: Path, what: str) -> None:
+    """The parent of a new destination can be made and written (checked now, not after the work)."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{dest.name}.probe-", dir=dest.parent))
+        probe.rmdir()
+    except OSError as e:
+        raise GptlabError(f"{what} {dest} cannot be written: {e.strerror or e} ({e.filename or dest.parent})") from None
 
 
 def _fsync(path: Path) -> None:

@@ -91,3 +91,11 @@ def test_eval_perplexity_of_an_empty_file_is_an_error_not_nan(capsys, tmp_path, 
     (tmp_path / "empty.txt").write_text("\n \n")
     code, _, err = run(capsys, "eval", str(tiny_gpt2_dir), "--task", "perplexity", "--data", str(tmp_path / "empty.txt"))
     assert_one_line_error(code, err, "no text to measure perplexity on")
+
+
+def test_a_place_that_cannot_be_written_is_one_error_before_the_work(capsys, tok):
+    code, _, err = _prepare(capsys, tok, "/proc/gptlab-test/data")
+    assert_one_line_error(code, err, "cannot be written")
+    code, _, err = run(capsys, "tokenizer", "train", "python-docs", "--vocab-size", "300", "-o", "/proc/gptlab-tok",
+                       "--quiet")
+    assert_one_line_error(code, err, "cannot be written")
