@@ -38,21 +38,23 @@ def read_jsonl(path: str | os.PathLike, skip: Skipped | None = None) -> Iterator
     p = Path(path)
     if not p.is_file():
         raise GptlabError(f"data file {p} does not exist")
-    try:
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
-                except json.JSONDecodeError as e:
-                    problem = f"not valid JSON ({e.msg} at column {e.colno})"
-                if problem is None:
-                    yield n, row
-                elif skip is None:
-                    raise GptlabError(f"{p}:{n}: {problem}")
-                else:
-                    skip.add(f"{p}:{n}: {problem}")
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"{p} is not UTF-8 text (invalid byte at offset {e.start} of a read block)") from None
+    with p.open("rb") as f:  # lines as bytes, decoded one by one: a bad byte is named by line and column
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GptlabError(f"{p}:{n}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                  f"of the line); convert the file to UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+            except json.JSONDecodeError as e:
+                problem = f"not valid JSON ({e.msg} at column {e.colno})"
+            if problem is None:
+                yield n, row
+            elif skip is None:
+                raise GptlabError(f"{p}:{n}: {problem}")
+            else:
+                skip.add(f"{p}:{n}: {problem}")

@@ -99,3 +99,10 @@ def test_a_place_that_cannot_be_written_is_one_error_before_the_work(capsys, tok
     code, _, err = run(capsys, "tokenizer", "train", "python-docs", "--vocab-size", "300", "-o", "/proc/gptlab-tok",
                        "--quiet")
     assert_one_line_error(code, err, "cannot be written")
+
+
+def test_a_non_utf8_byte_in_a_finetune_file_is_named_by_line(capsys, tmp_path, tiny_gpt2_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "c"}\n')
+    code, _, err = run(capsys, "finetune", str(tiny_gpt2_dir), "--data", str(data), "--out-dir", str(tmp_path / "ft"))
+    assert_one_line_error(code, err, "d.jsonl:2: not UTF-8 text (invalid byte 0xff")
