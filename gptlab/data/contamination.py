@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from gptlab.data.jsonl import read_jsonl
-from gptlab.data.quality import WordHashes, read_documents, split_words
+from gptlab.data.quality import WordHashes, ngram_hashes, read_documents, split_words
 from gptlab.errors import GptlabError
 
 MIN_WORDS = 8
@@ -82,17 +82,6 @@ def example_text(row: dict[str, Any]) -> str:
 
     visit(row)
     return "\n".join(out)
-
-
-def ngram_hashes(h: np.ndarray, n: int) -> np.ndarray:
-    """(len - n + 1,) uint64 polynomial hashes of each run of n word hashes."""
-    if len(h) < n:
-        return np.empty(0, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        out = h[: len(h) - n + 1].copy()
-        for j in range(1, n):
-            out = out * np.uint64(0x100000001B3) + h[j: len(h) - n + 1 + j]
-    return out
 
 
 @dataclass

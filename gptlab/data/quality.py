@@ -57,6 +57,17 @@ def words(text: str) -> list[str]:
     return split_words(normalise(text))
 
 
+def ngram_hashes(h: np.ndarray, n: int) -> np.ndarray:
+    """(len - n + 1,) uint64 polynomial hashes (mod 2^64) of each run of n word hashes."""
+    if len(h) < n:
+        return np.empty(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        out = h[: len(h) - n + 1].copy()
+        for j in range(1, n):
+            out = out * np.uint64(0x100000001B3) + h[j: len(h) - n + 1 + j]
+    return out
+
+
 class WordHashes:
     """Words -> (n,) uint64 hashes (BLAKE2b, stable across runs); each distinct word hashed once (a bounded
     cache), as corpus words repeat."""
@@ -186,12 +197,13 @@ def quality_failure(text: str, rules: dict[str, float]) -> str | None:
         return None
 
     latin = [w for w in ws if not _CJK_CHAR.fullmatch(w)]
+    mean_len = sum(map(len, latin)) / len(latin) if len(latin) > n / 2 else None  # skipped for mostly-CJK text
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     checks = [
         lambda: check("min_words", n, True),
         lambda: check("max_words", n, False),
-        lambda: check("min_mean_word_length", sum(map(len, latin)) / len(latin), True) if len(latin) > n / 2 else None,
-        lambda: check("max_mean_word_length", sum(map(len, latin)) / len(latin), False) if len(latin) > n / 2 else None,
+        lambda: check("min_mean_word_length", mean_len, True) if mean_len is not None else None,
+        lambda: check("max_mean_word_length", mean_len, False) if mean_len is not None else None,
         lambda: check("max_symbol_ratio", (text.count("#") + text.count("...") + text.count("…")) / max(n, 1), False),
         lambda: check("max_digit_ratio", sum(c.isdigit() for c in text) / max(len(text), 1), False),
         lambda: check("max_bullet_lines", sum(ln[0] in "-*•‣◦" for ln in lines) / max(len(lines), 1), False),
@@ -269,12 +281,8 @@ class MinHasher:
         if not ws:
             return np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
         h = self.hashes(ws)
-        k = min(self.shingle, len(h))
+        sh = np.unique(ngram_hashes(h, min(self.shingle, len(h))))
         with np.errstate(over="ignore"):
-            sh = h[: len(h) - k + 1].copy()
-            for j in range(1, k):  # polynomial hash of the k word hashes, mod 2^64
-                sh = sh * np.uint64(0x100000001B3) + h[j: len(h) - k + 1 + j]
-            sh = np.unique(sh)
             # multiply-shift: (a x + b) mod 2^64, top 32 bits; one row per permutation
             out = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
             for start in range(0, len(sh), 4096):

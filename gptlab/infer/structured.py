@@ -42,7 +42,7 @@ _KEYWORDS = _SCHEMA_MAPS | _SCHEMA_ONE | _SCHEMA_LISTS | {
     "nullable",  # OpenAPI 3.0's, which pydantic v1 and many tool schemas write
 }
 _KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": False}
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": False}
 
 
 def check_schema(schema: Any, where: str = "") -> None:
@@ -125,7 +125,7 @@ class Constraint:
 
         try:
             if self.kind in ("json_schema", "json_object"):
-                return LLMatcher.grammar_from_json_schema(self.text, overrides=_JSON_OPTIONS)
+                return LLMatcher.grammar_from_json_schema(self.text, overrides=JSON_OPTIONS)
             if self.kind == "regex":
                 return LLMatcher.grammar_from_regex(self.text)
             if self.kind == "choice":

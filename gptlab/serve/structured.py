@@ -16,13 +16,11 @@ import uuid
 from typing import Any
 
 from gptlab.errors import GptlabError
-from gptlab.infer.structured import Constraint, check_schema
+from gptlab.infer.structured import JSON_OPTIONS, Constraint, check_schema
 from gptlab.serve.protocol import ApiError, NamedToolChoice, Tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
-# inside a constrained call: compact JSON, as structured.py generates it
-_COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": False}
 
 
 def _constraint(kind: str, value: Any, param: str) -> Constraint:
@@ -112,7 +110,7 @@ class Tools:
                                                      "arguments": t.function.parameters or {"type": "object"}},
                     "required": ["name", "arguments"], "additionalProperties": False} for t in self.forced]
         schema = options[0] if len(options) == 1 else {"anyOf": options}
-        schema = {**schema, "x-guidance": _COMPACT}
+        schema = {**schema, "x-guidance": JSON_OPTIONS}  # compact, as elsewhere
         lark = f'start: {_literal(tokenizer, OPEN)} "\\n" %json {json.dumps(schema, ensure_ascii=False)} "\\n" ' \
                f'{_literal(tokenizer, CLOSE)}'
         return Constraint.lark(lark)
