@@ -23,7 +23,7 @@ def train_command(config: TrainConfig) -> int:
 
 @command("finetune")
 def finetune_command(model: str, config: FinetuneConfig) -> int:
-    """Fine-tune MODEL on a JSONL file: full or LoRA; instruction SFT, classification or plain LM.
+    """Fine-tune MODEL: full or LoRA; SFT, LM, classification or GPT-1 tasks.
 
     Writes out_dir/final (LoRA: a PEFT adapter; full: an HF model dir), best and last (--resume reads it).
     All options: docs/finetune.md. Examples:

@@ -14,6 +14,7 @@ layers, Qwen's sliding windows) live in their family's module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -149,10 +150,18 @@ class Refuse:
         pass
 
 
+ROPE_SCALINGS = ("default", "linear", "dynamic", "yarn")
+
+
 @dataclass(frozen=True)
 class Rope:
-    """rope_theta (and the rotary fraction) from transformers 5's `rope_parameters` or the older flat keys;
-    any rope scaling other than "default" is refused.
+    """rope_theta, the rotary fraction and rotary scaling, from transformers 5's `rope_parameters` or the
+    older `rope_scaling` + flat keys (transformers reads `rope_scaling` first when both are there).
+
+    Scaling (linear, dynamic, yarn) extends the context: our context_length is the extended one, as vLLM
+    derives it (linear / dynamic: factor x max_position_embeddings, which is also dynamic's original
+    context; yarn: factor x original_max_position_embeddings, or max_position_embeddings when larger). Other
+    rope types are refused, naming the field.
 
     fraction_key: the older key of the rotary fraction (GPT-NeoX's rotary_pct); None when the family's
       rotary fraction is not read here (Qwen rotates whole heads; GPT-J counts rotary_dim).
@@ -163,28 +172,71 @@ class Rope:
     fraction_key: str | None = None
     parameters: bool = True
     whole_heads: bool = False  # refuse a partial_rotary_factor other than 1 (the family has none)
+    context_key: str = "max_position_embeddings"
+    scalings: tuple[str, ...] = ROPE_SCALINGS  # the rope types transformers implements for the family
 
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
         params = hf.d.get("rope_parameters") or {}
-        scaling = hf.d.get("rope_scaling") or {}
-        kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if kind != "default":
-            raise GptlabError(f"config.json rope scaling rope_type={kind!r} is not supported (only 'default')")
-        ours["rope_theta"] = float(params.get("rope_theta", hf.get(self.theta_key, 10000.0)))
-        fraction = params.get("partial_rotary_factor")
+        spec = hf.d.get("rope_scaling") or params
+        field = "rope_scaling" if hf.d.get("rope_scaling") else "rope_parameters"
+        kind = spec.get("rope_type") or spec.get("type") or "default"
+        if kind not in self.scalings:
+            raise GptlabError(f"config.json {field} rope_type={kind!r} is not supported for {hf.model_type} "
+                              f"(supported: {', '.join(self.scalings)})")
+        theta = spec.get("rope_theta", params.get("rope_theta", hf.get(self.theta_key, 10000.0)))
+        ours["rope_theta"] = float(theta)
+        fraction = spec.get("partial_rotary_factor", params.get("partial_rotary_factor"))
         if self.fraction_key is not None:
             ours["rotary_fraction"] = fraction if fraction is not None else hf.get(self.fraction_key, 1.0)
         elif self.whole_heads and fraction not in (None, 1.0):
             raise GptlabError(f"config.json partial_rotary_factor={fraction} is not supported for {hf.model_type}")
+        ours["rope_scaling"] = kind
+        if kind != "default":
+            self._read_scaling(hf, spec, field, kind, ours)
+
+    @staticmethod
+    def _read_scaling(hf: HFConfig, spec: dict[str, Any], field: str, kind: str, ours: dict[str, Any]) -> None:
+        context = ours["context_length"]
+        original = context
+        if kind == "yarn":
+            original = int(spec.get("original_max_position_embeddings")
+                           or hf.get("original_max_position_embeddings", context))
+        factor = spec.get("factor")
+        if factor is None and kind == "yarn":
+            factor = context / original
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 1:
+            raise GptlabError(f"config.json {field} needs a number factor >= 1 for rope_type={kind!r}, got {factor!r}")
+        ours.update(rope_factor=float(factor), rope_original_context=original,
+                    context_length=max(context if kind == "yarn" else 0, int(factor * original)))
+        if kind == "yarn":
+            attention = spec.get("attention_factor")
+            if attention is None:
+                def mscale(m: float = 1.0) -> float:
+                    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+                m, m_all = spec.get("mscale"), spec.get("mscale_all_dim")
+                attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+            ours.update(rope_attention_factor=float(attention), rope_beta_fast=float(spec.get("beta_fast") or 32),
+                        rope_beta_slow=float(spec.get("beta_slow") or 1), rope_truncate=bool(spec.get("truncate", True)))
 
     def write(self, config: Config, out: dict[str, Any]) -> None:
         out[self.theta_key] = config.rope_theta
         if self.fraction_key is not None:
             out[self.fraction_key] = config.rotary_fraction
+        params: dict[str, Any] = {"rope_type": config.rope_scaling, "rope_theta": config.rope_theta}
+        if self.fraction_key is not None:
+            params["partial_rotary_factor"] = config.rotary_fraction
+        if config.rope_scaling != "default":
+            params["factor"] = config.rope_factor
+            if config.rope_scaling == "yarn":
+                params.update(original_max_position_embeddings=config.rope_original,
+                              attention_factor=config.rope_attention_factor, beta_fast=config.rope_beta_fast,
+                              beta_slow=config.rope_beta_slow)
+                if not config.rope_truncate:
+                    params["truncate"] = False
+            else:  # transformers takes the original context of linear / dynamic scaling from max_position_embeddings
+                out[self.context_key] = config.rope_original
+            out["rope_scaling"] = dict(params)  # what transformers 4 reads (and 5 reads first)
         if self.parameters:
-            params = {"rope_type": "default", "rope_theta": config.rope_theta}
-            if self.fraction_key is not None:
-                params["partial_rotary_factor"] = config.rotary_fraction
             out["rope_parameters"] = params
 
 

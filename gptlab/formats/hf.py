@@ -220,7 +220,8 @@ def classifier_extras(clf: SequenceClassifier, names: list[str]) -> tuple[dict[s
         "id2label": {str(i): n for i, n in enumerate(names)},
         "label2id": {n: i for i, n in enumerate(names)},
         "pad_token_id": clf.pad_id,
-        "problem_type": "single_label_classification",
+        # one output (GPT-1 multiple choice: a score per sequence) is what transformers calls regression
+        "problem_type": "regression" if len(names) == 1 else "single_label_classification",
     }
     return {"score.weight": clf.score.weight.detach()}, cfg
 

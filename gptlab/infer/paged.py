@@ -48,13 +48,15 @@ class PagedCache:
     def prepare(self, segments: list[Segment]) -> torch.Tensor:
         """Set the step's token -> slot map and attention groups; return the tokens' positions (1, N)."""
         bs, dev = self.block_size, self.device
-        pos, slots = [], []
+        pos, slots, lengths = [], [], []
         for s in segments:
             p = list(range(s.context, s.context + s.length))
             pos += p
+            lengths += [s.context + s.length] * s.length
             slots += [s.block_table[i // bs] * bs + i % bs for i in p]
         self.n = len(pos)
         self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        self._lengths = torch.tensor(lengths, dtype=torch.long, device=dev)[None, :]  # (1, N)
         decode = [s for s in segments if s.length == 1]
         self.prefill = [s for s in segments if s.length > 1]
         self.decode_rows = None
@@ -71,6 +73,9 @@ class PagedCache:
 
     def positions(self, T: int) -> torch.Tensor:
         raise RuntimeError("the engine passes positions from prepare()")
+
+    def lengths(self, positions: torch.Tensor) -> torch.Tensor:
+        return self._lengths  # (1, N): each token's sequence length after this step
 
     def begin(self, T: int) -> None:
         assert T == self.n, "a paged forward runs exactly the prepared tokens"
@@ -100,8 +105,8 @@ class PagedCache:
         nh, nkv = q.shape[1], k.shape[1]
         kp, vp = self.k[layer], self.v[layer]
         flat = kp.shape[0] * kp.shape[1]
-        kp.view(flat, *kp.shape[2:]).index_copy_(0, self.slots, k[0].transpose(0, 1))  # (N, nkv, hs) -> slots
-        vp.view(flat, *vp.shape[2:]).index_copy_(0, self.slots, v[0].transpose(0, 1))
+        kp.view(flat, *kp.shape[2:]).index_copy_(0, self.slots, k[0].transpose(0, 1).to(kp.dtype))  # (N, nkv, hs)
+        vp.view(flat, *vp.shape[2:]).index_copy_(0, self.slots, v[0].transpose(0, 1).to(vp.dtype))
         gqa = nh != nkv
         window = self.windows[layer]
         only_decode = not self.prefill  # the steady state: one token per sequence, in order
@@ -116,8 +121,8 @@ class PagedCache:
                                        scale if scale is not None else qd.shape[-1] ** -0.5)
             if out is None:
                 L = self.decode_len
-                keys = self._gather(kp, self.decode_tables, L)  # (R, nkv, L, hs)
-                values = self._gather(vp, self.decode_tables, L)
+                keys = self._gather(kp, self.decode_tables, L).to(q.dtype)  # (R, nkv, L, hs); fp32 q: upcast
+                values = self._gather(vp, self.decode_tables, L).to(q.dtype)
                 out = F.scaled_dot_product_attention(qd[:, :, None], keys, values, scale=scale, enable_gqa=gqa,
                                                      attn_mask=self._decode_mask(window, L, q.dtype))[:, :, 0]
             if only_decode:
@@ -126,7 +131,7 @@ class PagedCache:
         for s in self.prefill:
             L = s.context + s.length
             table = torch.tensor(s.block_table[: -(-L // self.block_size)], device=self.device)[None]
-            keys, values = self._gather(kp, table, L), self._gather(vp, table, L)  # (1, nkv, L, hs)
+            keys, values = self._gather(kp, table, L).to(q.dtype), self._gather(vp, table, L).to(q.dtype)  # (1, nkv, L, hs)
             qs = q[:, :, s.start:s.start + s.length]
             plain = s.context == 0 and (window == 0 or window >= L)
             mask = None if plain else attention_bias(torch.arange(s.context, L, device=self.device), L, window, q.dtype)

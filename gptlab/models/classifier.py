@@ -33,3 +33,29 @@ class SequenceClassifier(nn.Module):
         h = self.model(idx, return_hidden=True)  # (B, T, C)
         last = h[torch.arange(idx.shape[0], device=idx.device), self.last_token(idx)]  # (B, C)
         return self.score(last)
+
+
+class TaskClassifier(SequenceClassifier):
+    """GPT-1's task heads over rows of several sequences (gptlab/data/gpt1_tasks.py), input (B * group, T):
+
+    one: each sequence's class logits (entailment); sum: the logits of a row's sequences summed (similarity:
+    both orders; the head has no bias, so this is the paper's sum of the extract states); choice: a score per
+    sequence (a one-output head), the row's choices' scores as its logits.
+    A saved checkpoint is the HF *ForSequenceClassification of one sequence; summing or comparing its outputs
+    over a row's sequences gives these logits.
+    """
+
+    def __init__(self, model: nn.Module, num_labels: int, pad_id: int | None, combine: str, group: int) -> None:
+        super().__init__(model, 1 if combine == "choice" else num_labels, pad_id)
+        self.combine, self.group = combine, group
+
+    def forward(self, idx: torch.Tensor, with_hidden: bool = False):
+        """idx (B * group, T) -> logits (B, num_labels); with_hidden: also the hidden states (B * group, T, C)."""
+        h = self.model(idx, return_hidden=True)
+        last = h[torch.arange(idx.shape[0], device=idx.device), self.last_token(idx)]
+        logits = self.score(last)  # (B * group, out)
+        if self.combine == "sum":
+            logits = logits.view(-1, self.group, logits.shape[-1]).sum(1)
+        elif self.combine == "choice":
+            logits = logits.view(-1, self.group)
+        return (logits, h) if with_hidden else logits

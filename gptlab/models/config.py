@@ -19,6 +19,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["mlp", "glu", "moe"]
 Activation = Literal["gelu_new", "gelu", "relu", "silu"]
 Positions = Literal["learned", "rotary"]
+RopeScaling = Literal["default", "linear", "dynamic", "yarn"]
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Config:
     attn_out_bias: bool = True
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
     scale_attn: bool = True  # GPT-Neo does not divide scores by sqrt(head_dim)
+    scale_attn_by_layer: bool = False  # GPT-2 (Stanford CRFM): scores also divided by the layer index + 1
+    upcast_attn: bool = False  # GPT-2 reorder_and_upcast_attn: attention in fp32 whatever the weights' dtype
     # per-layer local attention window in tokens, 0 = global (GPT-3's dense/local pattern, GPT-Neo,
     # Qwen sliding window); empty = every layer global
     layer_windows: list[int] = field(default_factory=list)
@@ -61,6 +64,17 @@ class Config:
     rotary_fraction: float = 1.0  # share of each head's dims that rotate (Pythia 0.25, GPT-J 64/256)
     rotary_interleaved: bool = False  # GPT-J rotates pairs (x0,x1),(x2,x3)..; NeoX/Qwen rotate halves
     rope_theta: float = 10000.0
+    # rotary scaling for contexts past the pretraining one: "linear" divides positions by rope_factor;
+    # "dynamic" (NTK-aware) raises the base once a sequence passes rope_original_context; "yarn" blends
+    # interpolated and extrapolated frequencies per dim (ramp between beta_fast and beta_slow rotations) and
+    # scales cos/sin by rope_attention_factor. context_length is the extended context.
+    rope_scaling: RopeScaling = "default"
+    rope_factor: float = 1.0
+    rope_original_context: int = 0  # the pretraining context the scaling extends (0: context / factor)
+    rope_attention_factor: float = 1.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole dims (transformers' default)
 
     # MLP
     mlp: MLPKind = "mlp"
@@ -105,7 +119,14 @@ class Config:
             raise GptlabError("a mixture-of-experts config needs 0 < n_expert_per_token <= n_expert")
         if self.positions == "rotary" and self.rotary_dim % 2:
             raise GptlabError(f"rotary_fraction={self.rotary_fraction} gives an odd rotary dim {self.rotary_dim}")
-        for name in ("norm", "mlp", "activation", "positions"):
+        if self.rope_scaling != "default":
+            if self.positions != "rotary":
+                raise GptlabError(f"rope_scaling={self.rope_scaling!r} needs rotary positions")
+            if not self.rope_factor >= 1.0:
+                raise GptlabError(f"rope_factor must be >= 1 for rope_scaling={self.rope_scaling!r}, got {self.rope_factor}")
+            if not self.rope_original_context:
+                self.rope_original_context = round(self.context_length / self.rope_factor)
+        for name in ("norm", "mlp", "activation", "positions", "rope_scaling"):
             allowed = _choices(name)
             if getattr(self, name) not in allowed:
                 raise GptlabError(f"config field {name}={getattr(self, name)!r} is not one of {allowed}")
@@ -118,6 +139,11 @@ class Config:
     @property
     def qkv_dim(self) -> int:
         return (self.n_head + 2 * self.n_kv_head) * self.head_dim
+
+    @property
+    def rope_original(self) -> int:
+        """The pretraining context rotary scaling extends (dynamic NTK starts past it; YaRN's ramp uses it)."""
+        return self.rope_original_context or self.context_length
 
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0
@@ -164,11 +190,14 @@ class Config:
 ARCHITECTURE = (
     "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim", "intermediate_size",
     "norm", "post_norm", "final_norm", "parallel_residual", "shared_norm", "qkv_bias", "attn_out_bias", "qk_norm",
-    "scale_attn", "positions", "rotary_fraction", "rotary_interleaved", "rope_theta", "mlp", "activation",
+    "scale_attn", "scale_attn_by_layer", "upcast_attn", "positions", "rotary_fraction", "rotary_interleaved",
+    "rope_theta", "rope_scaling", "rope_factor", "rope_original_context", "rope_attention_factor", "rope_beta_fast",
+    "rope_beta_slow", "rope_truncate", "mlp", "activation",
     "mlp_bias", "n_expert", "n_expert_per_token", "moe_intermediate_size", "norm_topk_prob",
     "shared_expert_intermediate_size", "dense_layers", "tie_embeddings", "lm_head_bias",
 )
 
 def _choices(name: str) -> tuple[str, ...]:
-    hint = {"norm": Norm, "mlp": MLPKind, "activation": Activation, "positions": Positions}[name]
+    hint = {"norm": Norm, "mlp": MLPKind, "activation": Activation, "positions": Positions,
+            "rope_scaling": RopeScaling}[name]
     return hint.__args__

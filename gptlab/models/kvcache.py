@@ -25,6 +25,8 @@ from gptlab.errors import GptlabError
 class KVCache(Protocol):
     def positions(self, T: int) -> torch.Tensor: ...  # (B, T) positions of the next T tokens of each row
 
+    def lengths(self, positions: torch.Tensor) -> torch.Tensor: ...  # (B|1, T|1) each token's sequence length
+
     def begin(self, T: int) -> None: ...  # before the first layer of a forward of T new tokens
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -86,6 +88,9 @@ class DenseCache:
         pos = torch.arange(self.filled, self.filled + T, device=device)[None, :]  # (1, T)
         return pos if self.starts is None else (pos - self.starts[:, None]).clamp(min=0)  # (B, T)
 
+    def lengths(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.amax(-1, keepdim=True) + 1  # (B|1, 1): every row's tokens so far
+
     def begin(self, T: int) -> None:
         if self.filled + T > self.capacity:
             raise GptlabError(f"position {self.filled + T - 1} is past the KV cache length {self.capacity}")
@@ -106,8 +111,9 @@ class DenseCache:
         self.k[layer][:, :, self.filled:S] = k
         self.v[layer][:, :, self.filled:S] = v
         mask = self._mask(self.windows[layer], q.dtype)
+        keys, values = self.k[layer][:, :, :S].to(q.dtype), self.v[layer][:, :, :S].to(q.dtype)  # fp32 q: upcast
         return F.scaled_dot_product_attention(
-            q, self.k[layer][:, :, :S], self.v[layer][:, :, :S], attn_mask=mask, is_causal=mask is None and T > 1,
+            q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
             scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         )  # (B, nh, T, hs)
 

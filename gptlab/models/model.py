@@ -75,16 +75,65 @@ ACTIVATIONS = {
 }
 
 
+def _rope_exponents(config: Config, device=None) -> torch.Tensor:
+    rd = config.rotary_dim
+    return torch.arange(0, rd, 2, device=device, dtype=torch.int64).float() / rd  # (rd/2,)
+
+
+def rope_frequencies(config: Config, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (rd/2,) fp32 of each rotated pair: theta^(-2i/rd) (RoFormer, eq. 15), scaled.
+
+    linear: divided by the factor (position interpolation, Chen et al. 2023). yarn: "NTK-by-parts" (Peng et al.
+    2023, sec. 3.2): dims that turn fewer than beta_slow times over the original context are interpolated,
+    those that turn more than beta_fast times keep their frequency, with a linear ramp between. dynamic: the
+    original frequencies; `dynamic_rope` raises the base for sequences past the original context.
+    """
+    exps = _rope_exponents(config, device)
+    inv = 1.0 / (config.rope_theta ** exps)
+    if config.rope_scaling == "linear":
+        inv = inv / config.rope_factor
+    elif config.rope_scaling == "yarn":
+        rd, theta = config.rotary_dim, config.rope_theta
+
+        def dim_turning(turns: float) -> float:  # the (fractional) dim whose pair turns `turns` times
+            return rd * math.log(config.rope_original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_turning(config.rope_beta_fast), dim_turning(config.rope_beta_slow)
+        if config.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rd - 1)
+        high = high + 0.001 if low == high else high
+        ramp = ((torch.arange(rd // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        kept = 1 - ramp  # share of the original (extrapolated) frequency
+        wavelengths = theta ** exps
+        inv = 1.0 / (config.rope_factor * wavelengths) * ramp + 1.0 / wavelengths * kept
+    return inv
+
+
+def _cos_sin(config: Config, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if config.rotary_interleaved:
+        emb = angles.repeat_interleave(2, dim=-1)  # GPT-J: pairs (x0,x1),(x2,x3),...
+    else:
+        emb = torch.cat((angles, angles), dim=-1)  # NeoX / Qwen: halves
+    scale = config.rope_attention_factor if config.rope_scaling == "yarn" else 1.0
+    return emb.cos() * scale, emb.sin() * scale
+
+
 def rope_cache(config: Config, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (length, rotary_dim), fp32 (RoFormer, eq. 34)."""
-    rd = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, rd, 2, device=device, dtype=torch.int64).float() / rd))
-    freqs = torch.outer(torch.arange(length, device=device, dtype=torch.int64).float(), inv_freq)  # (L, rd/2)
-    if config.rotary_interleaved:
-        emb = freqs.repeat_interleave(2, dim=-1)  # GPT-J: pairs (x0,x1),(x2,x3),...
-    else:
-        emb = torch.cat((freqs, freqs), dim=-1)  # NeoX / Qwen: halves
-    return emb.cos(), emb.sin()
+    positions = torch.arange(length, device=device, dtype=torch.int64).float()
+    return _cos_sin(config, torch.outer(positions, rope_frequencies(config, device)))  # angles (L, rd/2)
+
+
+def dynamic_rope(config: Config, positions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B|1, T, rd) under dynamic NTK scaling, each token by its sequence's length L (B|1, T|1):
+    past the original context the base becomes theta * (factor L / original - (factor - 1))^(rd / (rd - 2)),
+    as transformers computes it; up to it, the original frequencies."""
+    rd, f, orig = config.rotary_dim, config.rope_factor, config.rope_original
+    grown = lengths.float().clamp(min=orig)
+    base = config.rope_theta * ((f * grown / orig) - (f - 1)) ** (rd / (rd - 2))  # (B|1, T|1)
+    inv = 1.0 / (base[..., None] ** _rope_exponents(config, positions.device))  # (B|1, T|1, rd/2)
+    return _cos_sin(config, positions[..., None].float() * inv)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -114,6 +163,9 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.interleaved = config.rotary_interleaved
         self.scale = None if config.scale_attn else 1.0  # None: SDPA's 1/sqrt(hs)
+        if config.scale_attn_by_layer:  # GPT-2's scale_attn_by_inverse_layer_idx
+            self.scale = (self.head_dim ** -0.5 if config.scale_attn else 1.0) / (layer + 1)
+        self.upcast = config.upcast_attn
         self.layer, self.window = layer, config.window(layer)
         self.dropout = config.dropout
 
@@ -130,6 +182,8 @@ class Attention(nn.Module):
         if cos is not None:
             q = apply_rope(q, cos, sin, self.interleaved)
             k = apply_rope(k, cos, sin, self.interleaved)
+        if self.upcast and q.dtype != torch.float32:  # GPT-2's reorder_and_upcast_attn: scores and softmax in fp32
+            q, k, v = q.float(), k.float(), v.float()
         if cache is not None:
             y = cache.attend(self.layer, q, k, v, self.scale)  # (B, nh, T, hs)
         else:
@@ -137,7 +191,7 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
             )  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -307,8 +361,10 @@ class GPT(nn.Module):
         x = self.drop(x)
         cos = sin = None
         if self.config.positions == "rotary":
-            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rd)
-            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, rd)
+            if self.config.rope_scaling == "dynamic":
+                cos, sin = self._dynamic_rope(positions, cache, cos, sin)
+            cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rd)
 
         masks: dict[int, torch.Tensor | None] = {}  # without a cache: one local-window mask per window size
         if cache is not None:
@@ -322,6 +378,41 @@ class GPT(nn.Module):
             cache.end(T)
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)
+
+    def _dynamic_rope(self, positions, cache, cos, sin):
+        """Dynamic NTK: tokens of sequences longer than the original context get frequencies for their
+        sequence's length (a sequence = a row; in the engine's flattened batch, each sequence's tokens)."""
+        lengths = cache.lengths(positions) if cache is not None else positions.amax(-1, keepdim=True) + 1
+        grown = lengths > self.config.rope_original  # (B|1, T|1)
+        if not bool(grown.any()):
+            return cos, sin
+        dcos, dsin = dynamic_rope(self.config, positions, lengths)
+        return torch.where(grown[..., None], dcos, cos), torch.where(grown[..., None], dsin, sin)
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the embedding (and an untied head) to `vocab_size` rows for tokens added to the tokenizer:
+        existing rows kept, new ones initialised as at construction."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return
+        w = self.wte.weight
+        with torch.no_grad():
+            rows = torch.empty(vocab_size - old, w.shape[1], dtype=w.dtype, device=w.device)
+            nn.init.normal_(rows, std=self.config.init_std)
+            self.wte = nn.Embedding(vocab_size, w.shape[1], _weight=torch.cat([w.detach(), rows]))
+            if self.config.tie_embeddings:
+                head_w = self.wte.weight
+            else:
+                hw = self.lm_head.weight
+                head_w = nn.Parameter(torch.cat([hw.detach(), torch.zeros(vocab_size - old, hw.shape[1], dtype=hw.dtype,
+                                                                          device=hw.device)]))
+            bias = self.lm_head.bias
+            self.lm_head = Linear(w.shape[1], vocab_size, bias=bias is not None, device=w.device, dtype=w.dtype)
+            self.lm_head.weight = head_w
+            if bias is not None:
+                self.lm_head.bias = nn.Parameter(torch.cat([bias.detach(), torch.zeros(vocab_size - old, dtype=bias.dtype,
+                                                                                      device=bias.device)]))
+        self.config.vocab_size = vocab_size
 
     # ---- convenience ----
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -110,17 +110,37 @@ for _size, _vocab, _layers, _width, _heads in (
     _add(f"pythia-{_size}", "pythia", **_neox(f"EleutherAI/pythia-{_size}", _vocab, _layers, _width, _heads))
 
 # ---------------------------------------------------------------------------------------------------------
-# Qwen2.5 (Qwen team 2024): RMSNorm, SwiGLU, GQA, rotary theta 1e6, q/k/v biases (no output bias), head
-# tied for <= 3B. The base repos (bos = eos = <|endoftext|> 151643); sliding window off in every config.json.
+# Qwen2 (Qwen team 2024, arXiv 2407.10671) and Qwen2.5: RMSNorm, SwiGLU, GQA, rotary theta 1e6, q/k/v biases
+# (no output bias), head tied for <= 3B. The base repos (bos = eos = <|endoftext|> 151643); sliding window
+# off in every config.json. Qwen2-MoE (Qwen2-57B-A14B, Qwen1.5-MoE-A2.7B): every MLP is routed SwiGLU experts
+# (top-k weights not renormalised) plus a shared expert behind a sigmoid gate; config.json's
+# intermediate_size is unused there.
 
 
-def _qwen2_5(size: str, vocab: int, ctx: int, layers: int, width: int, heads: int, kv: int, ffn: int,
-             eps: float, tie: bool) -> dict[str, Any]:
-    return dict(hf_repo=f"Qwen/Qwen2.5-{size}", model_type="qwen2", vocab_size=vocab, context_length=ctx,
-                n_layer=layers, n_head=heads, n_kv_head=kv, n_embd=width, intermediate_size=ffn, norm="rmsnorm",
-                norm_eps=eps, positions="rotary", rope_theta=1000000.0, mlp="glu", activation="silu",
-                mlp_bias=False, attn_out_bias=False, tie_embeddings=tie, bos_token_id=151643, eos_token_id=151643)
+def _qwen2(repo: str, vocab: int, ctx: int, layers: int, width: int, heads: int, kv: int, ffn: int,
+           eps: float, tie: bool, **moe: Any) -> dict[str, Any]:
+    return dict(hf_repo=f"Qwen/{repo}", model_type="qwen2_moe" if moe else "qwen2", vocab_size=vocab,
+                context_length=ctx, n_layer=layers, n_head=heads, n_kv_head=kv, n_embd=width, intermediate_size=ffn,
+                norm="rmsnorm", norm_eps=eps, positions="rotary", rope_theta=1000000.0, mlp="moe" if moe else "glu",
+                activation="silu", mlp_bias=False, attn_out_bias=False, tie_embeddings=tie, bos_token_id=151643,
+                eos_token_id=151643, **moe)
 
+
+for _size, _vocab, _layers, _width, _heads, _kv, _ffn, _eps, _tie in (
+    ("0.5B", 151936, 24, 896, 14, 2, 4864, 1e-6, True),
+    ("1.5B", 151936, 28, 1536, 12, 2, 8960, 1e-6, True),
+    ("7B", 152064, 28, 3584, 28, 4, 18944, 1e-6, False),
+    ("72B", 152064, 80, 8192, 64, 8, 29568, 1e-5, False),
+):
+    _add(f"qwen2-{_size.lower()}", "qwen2",
+         **_qwen2(f"Qwen2-{_size}", _vocab, 131072, _layers, _width, _heads, _kv, _ffn, _eps, _tie))
+
+_add("qwen2-57b-a14b", "qwen2-moe", **_qwen2("Qwen2-57B-A14B", 151936, 131072, 28, 3584, 28, 4, 18944, 1e-6, False,
+                                             n_expert=64, n_expert_per_token=8, moe_intermediate_size=2560,
+                                             shared_expert_intermediate_size=20480))
+_add("qwen1.5-moe-a2.7b", "qwen2-moe", **_qwen2("Qwen1.5-MoE-A2.7B", 151936, 8192, 24, 2048, 16, 16, 5632, 1e-6,
+                                                False, n_expert=60, n_expert_per_token=4, moe_intermediate_size=1408,
+                                                shared_expert_intermediate_size=5632))
 
 for _size, _vocab, _ctx, _layers, _width, _heads, _kv, _ffn, _eps, _tie in (
     ("0.5B", 151936, 32768, 24, 896, 14, 2, 4864, 1e-6, True),
@@ -132,7 +152,7 @@ for _size, _vocab, _ctx, _layers, _width, _heads, _kv, _ffn, _eps, _tie in (
     ("72B", 152064, 131072, 80, 8192, 64, 8, 29568, 1e-5, False),
 ):
     _add(f"qwen2.5-{_size.lower()}", "qwen2.5",
-         **_qwen2_5(_size, _vocab, _ctx, _layers, _width, _heads, _kv, _ffn, _eps, _tie))
+         **_qwen2(f"Qwen2.5-{_size}", _vocab, _ctx, _layers, _width, _heads, _kv, _ffn, _eps, _tie))
 
 # ---------------------------------------------------------------------------------------------------------
 # Qwen3 (Qwen team 2025): Qwen2.5's block without q/k/v biases and with RMSNorm on q and k (qk_norm),

@@ -13,6 +13,8 @@ plugs in:
     lm        {"text"}                            next-token CE on every token           -
     classification  {"text", "label"}             CE of the score head, last token        accuracy, P/R/F1
                     ("classify" is accepted for it)
+    entailment / similarity / choice: GPT-1's input transformations (gptlab/data/gpt1_tasks.py): the head on
+                    the extract token, + lm_loss_weight x the LM loss on the same sequences; accuracy, P/R/F1
 
 So resume (--resume), early stopping (--patience) with out_dir/best, data-parallel runs under torchrun
 and the logs are those of pretraining. Python:
@@ -34,21 +36,22 @@ import torch.nn as nn
 
 from gptlab.data import examples
 from gptlab.data.examples import ExampleBatches, load_class_rows
+from gptlab.data.gpt1_tasks import GPT1_TASKS, TOKENS, GroupCollate, TaskTokens, load_task_rows, task_tokens
 from gptlab.errors import GptlabError
 from gptlab.eval.metrics import classification_report
 from gptlab.formats import hf
 from gptlab.models import stats
-from gptlab.models.classifier import SequenceClassifier
+from gptlab.models.classifier import SequenceClassifier, TaskClassifier
 from gptlab.formats.peft import apply_lora
 from gptlab.models.lora import unload_lora
 from gptlab.tokenizer import load_tokenizer
 from gptlab.train.loop import LoopConfig, Trainer
-from gptlab.train.losses import classification_loss, next_token_loss
+from gptlab.train.losses import classification_loss, gpt1_task_loss, next_token_loss
 from gptlab.train.runtime import init_distributed, pick_device, unwrap
 from gptlab.train.savers import AdapterSaver, ClassifierSaver
 
 Method = Literal["full", "lora"]
-Task = Literal["sft", "classification", "lm"]
+Task = Literal["sft", "classification", "lm", "entailment", "similarity", "choice"]
 
 
 @dataclass
@@ -72,6 +75,7 @@ class FinetuneConfig(LoopConfig):
     seq_len: int = 512  # tokens per example (0 = context length)
     pack: bool = False  # pack short examples into seq_len rows
     skip_bad_rows: bool = False  # count and skip malformed rows
+    lm_loss_weight: float = 0.5  # GPT-1 tasks: auxiliary LM loss weight
     save_merged: bool = False  # lora: also write out_dir/merged
     out_dir: str = "out/finetune"
     max_steps: int = 300
@@ -88,7 +92,9 @@ class FinetuneConfig(LoopConfig):
                  "seq-len": (self.seq_len, self.seq_len >= 0, ">= 0 (0 = the context length)"),
                  "lora-r": (self.lora_r, self.lora_r >= 1, ">= 1"),
                  "lora-alpha": (self.lora_alpha, math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "> 0"),
-                 "lora-dropout": (self.lora_dropout, 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")}
+                 "lora-dropout": (self.lora_dropout, 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
+                 "lm-loss-weight": (self.lm_loss_weight, math.isfinite(self.lm_loss_weight) and self.lm_loss_weight >= 0,
+                                    ">= 0 and finite")}
         for name, (value, ok, allowed) in check.items():
             if not ok:
                 raise GptlabError(f"{name} must be {allowed}, got {value}")
@@ -137,6 +143,14 @@ class ClassificationMetrics:
 # data
 
 
+COMBINE = {"entailment": "one", "similarity": "sum", "choice": "choice"}  # TaskClassifier's ways
+
+
+def head_names(module: nn.Module, names: list[str]) -> list[str]:
+    """The saved head's output names: the class names, or one "score" for multiple choice."""
+    return ["score"] if getattr(module, "combine", None) == "choice" else names
+
+
 def _pad_id(tok) -> int:
     for i in (tok.pad_id, tok.eos_id):
         if i is not None:
@@ -144,12 +158,20 @@ def _pad_id(tok) -> int:
     raise GptlabError("the tokenizer has neither a pad nor an EOS token to pad batches with")
 
 
-def _datasets(cfg: FinetuneConfig, tok, seq_len: int):
+def _datasets(cfg: FinetuneConfig, tok, seq_len: int, tokens: TaskTokens | None = None):
     """(train examples, val examples, collate, class names or None, a summary line)."""
     sft = examples
     if not cfg.data:
         raise GptlabError("no training data: pass --data FILE.jsonl")
     pad = _pad_id(tok)
+    if tokens is not None:  # GPT-1's tasks
+        rows = load_task_rows(cfg.data, cfg.task, tok, tokens, seq_len, skip_bad=cfg.skip_bad_rows)
+        if cfg.val_data:
+            val = load_task_rows(cfg.val_data, cfg.task, tok, tokens, seq_len, rows.names, cfg.skip_bad_rows).examples
+            train = rows.examples
+        else:
+            train, val = sft.split(rows.examples, cfg.val_fraction, cfg.seed)
+        return train, val, GroupCollate(pad), rows.names, rows.summary()
     if cfg.task == "classification":
         rows = load_class_rows(cfg.data, tok, seq_len, skip_bad=cfg.skip_bad_rows)
         names = rows.names
@@ -192,22 +214,33 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
         raise GptlabError("pass the tokenizer along with a model object")
     tok = tokenizer
     seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
-    train, val, collate, names, summary = _datasets(cfg, tok, seq_len)
+    tokens = None
+    torch.manual_seed(cfg.seed)  # new token rows', the classifier head's and the adapters' initialisation
+    if cfg.task in GPT1_TASKS:
+        tokens, added = task_tokens(tok)
+        if added and cfg.method == "lora":
+            raise GptlabError(f"--task {cfg.task} adds the tokens {', '.join(TOKENS)} to the tokenizer, whose new "
+                              "embeddings a LoRA adapter does not train; use --method full, or a tokenizer that has them")
+        model.resize_vocab(tok.vocab_size)
+    train, val, collate, names, summary = _datasets(cfg, tok, seq_len, tokens)
 
-    torch.manual_seed(cfg.seed)  # the classifier head's and the adapters' initialisation
-    if cfg.task == "classification":
-        module: nn.Module = SequenceClassifier(model, len(names), _pad_id(tok))
+    if tokens is not None:
+        group = len(train[0][0])
+        module: nn.Module = TaskClassifier(model, len(names), _pad_id(tok), COMBINE[cfg.task], group)
+        model.lm_head.weight.requires_grad_(True)  # the auxiliary LM loss reads the head
+    elif cfg.task == "classification":
+        module = SequenceClassifier(model, len(names), _pad_id(tok))
         model.lm_head.weight.requires_grad_(model.config.tie_embeddings)  # a classifier never reads the LM head
     else:
         module = model
     if cfg.method == "lora":
         apply_lora(model, targets=cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    rslora=cfg.rslora)
-        if cfg.task == "classification":
+        if isinstance(module, SequenceClassifier):
             module.score.weight.requires_grad_(True)  # the new head trains in full (PEFT's modules_to_save)
-        saver = AdapterSaver(tok, base_name, names)
-    elif cfg.task == "classification":
-        saver = ClassifierSaver(tok, names)
+        saver = AdapterSaver(tok, base_name, head_names(module, names))
+    elif isinstance(module, SequenceClassifier):
+        saver = ClassifierSaver(tok, head_names(module, names))
     else:
         saver = None  # the Trainer's default: an HF model dir with the tokenizer (its chat template included)
     module.train()
@@ -222,8 +255,9 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     probe = train_batches.batch(0, dist.rank, dist.world)["input_ids"]  # numbered: reading it changes nothing
     trainer = Trainer(
         module, train_batches, val_batches, cfg, tokenizer=tok,
-        loss_fn=classification_loss if cfg.task == "classification" else next_token_loss,
-        metrics_fn=ClassificationMetrics(names) if cfg.task == "classification" and val else None,
+        loss_fn=(gpt1_task_loss(cfg.lm_loss_weight) if tokens is not None else
+                 classification_loss if cfg.task == "classification" else next_token_loss),
+        metrics_fn=ClassificationMetrics(names) if names is not None and val else None,
         saver=saver, device=device, dist=dist,
         flops_per_token=stats.flops_per_token(model.config, probe.shape[-1], training=True),
         find_unused_parameters=model.config.mlp == "moe",
@@ -242,8 +276,8 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
             AdapterSaver(tok, base_name, names).load(result.model, best)
         unload_lora(model, merge=True)
         merged = Path(cfg.out_dir) / "merged"
-        if cfg.task == "classification":
-            ClassifierSaver(tok, names).save(result.model, merged)
+        if isinstance(module, SequenceClassifier):
+            ClassifierSaver(tok, head_names(module, names)).save(result.model, merged)
         else:
             hf.save(model, merged, tokenizer=tok)
         metrics["merged"] = str(merged)

@@ -107,3 +107,22 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     """Summed cross-entropy of the class logits (a SequenceClassifier), and the number of rows."""
     logits = model(batch["input_ids"])  # (B, K)
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+
+
+def gpt1_task_loss(lm_weight: float):
+    """GPT-1's fine-tuning objective L3 = L2 + lm_weight * L1 (Radford et al. 2018, eq. 5): the task's
+    cross-entropy (a TaskClassifier's logits) plus the language-modelling loss on the task's own sequences.
+    Summed per row, so the Trainer's division by rows gives mean task CE + lm_weight x mean LM CE per token."""
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        logits, hidden = model(batch["input_ids"], with_hidden=True)
+        rows = batch["labels"].numel()
+        total = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        if lm_weight:
+            head = unwrap(model).model.lm_head
+            lm_labels = batch["lm_labels"].flatten()
+            lm = linear_cross_entropy(hidden.flatten(0, 1), head.weight, head.bias, lm_labels)
+            total = total + lm_weight * lm * rows / (lm_labels != IGNORE_INDEX).sum().clamp(min=1)
+        return total, rows
+
+    return loss

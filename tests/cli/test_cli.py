@@ -96,10 +96,10 @@ def test_unsupported_rope_scaling_names_the_field(capsys, tmp_path):
 
     path = save_hf_model(make_hf_model("qwen2"), tmp_path / "q")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}  # yarn etc. load
     (path / "config.json").write_text(json.dumps(cfg))
     code, _, err = run(capsys, "generate", str(path), "--prompt", "x")
-    assert_one_line_error(code, err, "rope_type='yarn'")
+    assert_one_line_error(code, err, "rope_parameters rope_type='longrope' is not supported")
 
 
 def test_shape_mismatch_between_config_and_weights(capsys, model_copy):

@@ -17,11 +17,17 @@ from gptlab.models.kvcache import DenseCache
 from tests.conftest import make_hf_model, save_hf_model
 
 # (family, overrides): odd head counts, vocab not a multiple of 64, kv heads 1 and several, partial rotary,
-# tied and untied heads, local windows shorter than the sequence, experts with top-k > 1
+# tied and untied heads, local windows shorter than the sequence, experts with top-k > 1; GPT-2's per-layer
+# scaling and upcast attention; rotary scaling (linear, yarn) with an original context of 16, shorter than every
+# sequence below (dynamic NTK, whose cached decode differs from the full forward by design: tests/formats/
+# test_rope_scaling.py)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 CASES = [
     ("gpt2", dict()),
     ("gpt2", dict(n_layer=3, n_embd=60, n_head=5, vocab_size=97, activation_function="gelu")),
     ("gpt2", dict(n_inner=100, tie_word_embeddings=False)),
+    ("gpt2", dict(n_layer=3, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)),
+    ("gpt2", dict(n_layer=3, scale_attn_by_inverse_layer_idx=True, scale_attn_weights=False)),
     ("openai-gpt", dict()),
     ("openai-gpt", dict(n_embd=30, n_head=3, vocab_size=77, afn="relu")),
     ("gpt_neo", dict()),
@@ -31,12 +37,20 @@ CASES = [
     ("gpt_neox", dict()),
     ("gpt_neox", dict(use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu_new", tie_word_embeddings=True)),
     ("gpt_neox", dict(num_attention_heads=2, rotary_pct=1.0, attention_bias=False)),
+    ("gpt_neox", dict(max_position_embeddings=16, rope_scaling={"rope_type": "linear", "factor": 3.0})),
+    ("gpt_neox", dict(max_position_embeddings=16, rotary_pct=0.5, rope_scaling={"rope_type": "yarn", "factor": 4.0})),
     ("qwen2", dict()),
     ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True, vocab_size=83)),
     ("qwen2", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ("qwen2", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=6,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    ("qwen2", dict(max_position_embeddings=16, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    ("qwen2", dict(max_position_embeddings=16, rope_scaling={**YARN, "beta_fast": 8, "beta_slow": 2, "mscale": 1.0,
+                                                             "mscale_all_dim": 0.5})),
     ("qwen3", dict()),
     ("qwen3", dict(num_attention_heads=6, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True)),
     ("qwen3", dict(num_key_value_heads=1, attention_bias=True)),
+    ("qwen3", dict(max_position_embeddings=64, rope_parameters={**YARN, "rope_theta": 10000.0})),
     ("qwen2_moe", dict()),
     ("qwen2_moe", dict(num_experts=5, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2)),
     ("qwen3_moe", dict()),

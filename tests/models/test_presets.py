@@ -32,6 +32,8 @@ class Published:
 
 
 QWEN25 = "Qwen2.5 HF model card (Qwen/Qwen2.5-*), 'Number of Parameters' and '(Non-Embedding)'"
+QWEN2 = "Qwen2 release blog (qwenlm.github.io/blog/qwen2), '#Params' and '#Non-Emb Params'"
+QWEN15_MOE = "Qwen/Qwen1.5-MoE-A2.7B model card ('14.3B parameters in total and 2.7B activated') and blog"
 QWEN3 = "Qwen3 HF model card (Qwen/Qwen3-*), 'Number of Parameters' and '(Non-Embedding)'"
 PYTHIA = "Pythia README / paper Table 1 (EleutherAI/pythia), 'Total Params' and 'Non-Embedding Params'"
 GPT3 = "GPT-3 paper (Brown et al. 2020), Table 2.1 'n_params'"
@@ -68,6 +70,15 @@ PUBLISHED: dict[str, Published] = {
     "pythia-2.8b": Published(PYTHIA, "2,775,208,960", "2,517,652,480"),
     "pythia-6.9b": Published(PYTHIA, "6,857,302,016", "6,444,163,072"),
     "pythia-12b": Published(PYTHIA, "11,846,072,320", "11,327,027,200"),
+    "qwen2-0.5b": Published(QWEN2, "0.49B", "0.35B", rel_tol=0.025,
+                            why="blog says 0.35B non-embedding; the checkpoint has 0.358B"),
+    "qwen2-1.5b": Published(QWEN2, "1.54B", "1.31B"),
+    "qwen2-7b": Published(QWEN2 + " (7.07B / 5.98B there: one 152064 x 3584 embedding, 0.545B, too few)",
+                          "7.62B", "6.53B"),
+    "qwen2-72b": Published(QWEN2, "72.71B", "70.21B"),
+    "qwen2-57b-a14b": Published(QWEN2 + "; the report's 'A14B' activated", "57.41B", "56.32B", active="14B",
+                                rel_tol=0.02, why="activated 14.25B, named A14B"),
+    "qwen1.5-moe-a2.7b": Published(QWEN15_MOE, "14.3B", active="2.7B"),
     "qwen2.5-0.5b": Published(QWEN25, "0.49B", "0.36B"),
     "qwen2.5-1.5b": Published(QWEN25, "1.54B", "1.31B"),
     "qwen2.5-3b": Published(QWEN25, "3.09B", "2.77B"),
@@ -135,7 +146,7 @@ def test_preset_is_saveable_as_its_hf_family(name):
 # one preset per architecture variant (model_type x tied head x MoE): transformers builds that config.json
 # into exactly as many parameters as we do, so the preset's counts are the HF checkpoint's counts
 HF_CHECKED = ["openai-gpt", "gpt2", "gpt3-125m", "gpt-neo-125m", "gpt-j-6b", "pythia-70m", "qwen2.5-0.5b",
-              "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b"]
+              "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "qwen2-57b-a14b", "qwen1.5-moe-a2.7b"]
 
 
 @pytest.mark.parametrize("name", HF_CHECKED)

@@ -22,12 +22,12 @@ def gpt2_weights(embedding: str, positions: str, final_norm: bool) -> tuple[Weig
 
 
 CONFIG = (
-    Refuse("scale_attn_by_inverse_layer_idx", lambda v: not v, "per-layer attention scaling"),
     Refuse("add_cross_attention", lambda v: not v, "cross-attention (gptlab models are decoder-only)"),
     *keys(vocab_size="vocab_size", context_length=("n_positions", 1024), n_layer="n_layer", n_head="n_head",
           n_embd="n_embd", intermediate_size=("n_inner", None), norm_eps=("layer_norm_epsilon", 1e-5)),
     Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
-    *keys(scale_attn=("scale_attn_weights", True), tie_embeddings=("tie_word_embeddings", True)),
+    *keys(scale_attn=("scale_attn_weights", True), scale_attn_by_layer=("scale_attn_by_inverse_layer_idx", False),
+          upcast_attn=("reorder_and_upcast_attn", False), tie_embeddings=("tie_word_embeddings", True)),
 )
 
 FAMILIES = [Family("gpt2", causal_lm="GPT2LMHeadModel", sequence_classifier="GPT2ForSequenceClassification",

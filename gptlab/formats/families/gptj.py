@@ -37,7 +37,7 @@ CONFIG = (
     Key("activation", "activation_function", "gelu_new", values=ACTIVATIONS),
     *fixed(positions="rotary", rotary_interleaved=True, parallel_residual=True, shared_norm=True,
            qkv_bias=False, attn_out_bias=False, lm_head_bias=True),
-    Rope(parameters=False),
+    Rope(parameters=False, scalings=("default",)),  # GPT-J's own sinusoids: no scaling in transformers
     RotaryDim(),
 )
 
