@@ -36,7 +36,7 @@ def eval_command(
     batch_size: int = 16,
     out: Path | None = None,
     progress: bool = True,
-    window: int | None = None,
+    window: str | None = None,
     stride: int | None = None,
     detokenize: Literal["none", "wikitext"] | None = None,
     num_fewshot: int = 0,
@@ -68,7 +68,7 @@ def eval_command(
         batch_size: rows per forward pass (changes no number)
         out: write results and per-example records (JSON)
         progress: show progress bars
-        window: tokens a window reads (default: context)
+        window: tokens a window reads (default: context); 512,1024,...: each, charted
         stride: tokens between window ends (default: window)
         detokenize: undo WikiText tokenisation (wikitext-2: on)
         num_fewshot: examples prepended to each prompt
@@ -88,7 +88,8 @@ def eval_command(
                           "or a benchmark name such as hellaswag)")
     if out is not None and Path(out).is_dir():
         raise GptlabError(f"--out {out} is a directory; give the path of the JSON file to write")
-    options = dict(window=window, stride=stride, detokenize=detokenize, num_fewshot=num_fewshot,
+    windows = _windows(window)
+    options = dict(window=windows, stride=stride, detokenize=detokenize, num_fewshot=num_fewshot,
                    fewshot_data=fewshot_data, seed=seed, labels=labels or None,
                    template=template and _unescape(template), max_new_tokens=max_new_tokens,
                    stop=None if stop is None else [_unescape(s) for s in stop], strip_think=strip_think, chat=chat)
@@ -98,5 +99,24 @@ def eval_command(
     if out is not None:
         result.save(out)
         print(f"wrote {out}", file=sys.stderr)
+        if "windows" in result.details:
+            from gptlab.eval.perplexity import plot_windows
+
+            chart = Path(out).with_suffix(".png")
+            plot_windows(result, chart)
+            print(f"wrote {chart}", file=sys.stderr)
+    elif "windows" in result.details:
+        print("(--out FILE.json also writes the chart, as FILE.png)", file=sys.stderr)
     return 0
+
+
+def _windows(text: str | None) -> int | list[int] | None:
+    """--window 1024, or several sizes 512,1024,2048 (perplexity at each, in one run)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        raise GptlabError(f"--window takes a token count or comma-separated counts (512,1024,2048), got {text!r}")
+    sizes = [int(p) for p in parts]
+    return sizes[0] if len(sizes) == 1 else sizes
 

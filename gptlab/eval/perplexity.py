@@ -119,3 +119,56 @@ def evaluate_perplexity(
                 "detokenize": detokenize, "windows": len(requests)},
         details={"loglikelihood": total, "tokens": T, "words": Wd, "bytes": B}, samples=samples,
     )
+
+
+def evaluate_perplexity_windows(scorer: Scorer, docs: list[Doc], windows: list[int], stride: int | None = None,
+                                detokenize: str = "none", field: str = "text", source: str = "data") -> EvalResult:
+    """Perplexity of the same documents at each window size (a long-context check: does more context help, and
+    where does it stop helping). Metrics: the largest window's, plus `token_perplexity@W` and `bits_per_byte@W`
+    for every W; details["windows"] holds each window's metrics; `plot_windows` draws them."""
+    if len(set(windows)) != len(windows):
+        raise GptlabError(f"--window sizes must be distinct, got {windows}")
+    windows = sorted(windows)
+    too_long = [w for w in windows if w > scorer.context_length]
+    if too_long:
+        raise GptlabError(f"window {too_long[0]} is past the model's context ({scorer.context_length} tokens)")
+    if stride is not None and stride > windows[0]:
+        raise GptlabError(f"stride {stride} is larger than the smallest window {windows[0]}")
+    results = [evaluate_perplexity(scorer, docs, window=w, stride=stride, detokenize=detokenize, field=field,
+                                   source=source) for w in windows]
+    last = results[-1]
+    metrics = dict(last.metrics)
+    for w, r in zip(windows, results):
+        metrics[f"token_perplexity@{w}"] = r.metrics["token_perplexity"]
+        metrics[f"bits_per_byte@{w}"] = r.metrics["bits_per_byte"]
+    per_window = [{"window": w, "stride": r.config["stride"], "windows": r.config["windows"], **r.metrics}
+                  for w, r in zip(windows, results)]
+    return EvalResult(
+        task="perplexity", metrics=metrics, stderr={k: None for k in metrics}, n=last.n,
+        seconds=sum(r.seconds for r in results), tokens=sum(r.tokens for r in results),
+        config={**last.config, "window": windows, "stride": stride},
+        details={**last.details, "windows": per_window}, samples=last.samples,
+    )
+
+
+def plot_windows(result: EvalResult, path) -> None:
+    """A PNG of token perplexity and bits per byte against the window size (log2 axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.details["windows"]
+    ws = [r["window"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    for ax, key, label in ((axes[0], "token_perplexity", "token perplexity"), (axes[1], "bits_per_byte", "bits per byte")):
+        ax.plot(ws, [r[key] for r in rows], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ws, [str(w) for w in ws])
+        ax.set_xlabel("window (tokens of context)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    model = result.config.get("model") or ""
+    fig.suptitle(f"perplexity over context windows {model}".strip())
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -39,8 +39,9 @@ def _check_options(opts: dict[str, Any], limit: int | None, batch_size: int) -> 
     at_least = {"window": 1, "stride": 1, "num_fewshot": 0, "max_new_tokens": 1, "bootstrap_iters": 0}
     for name, low in at_least.items():
         v = opts.get(name)
-        if v is not None and v < low:
-            raise GptlabError(f"{name.replace('_', '-')} must be >= {low}, got {v}")
+        for x in v if isinstance(v, list) else [v]:
+            if x is not None and x < low:
+                raise GptlabError(f"{name.replace('_', '-')} must be >= {low}, got {x}")
     if limit is not None and limit < 1:
         raise GptlabError(f"limit must be >= 1, got {limit}")
     if batch_size < 1:
@@ -136,8 +137,16 @@ def evaluate(
             from gptlab.eval.perplexity import evaluate_perplexity
 
             detok = opts["detokenize"] or ("wikitext" if source == "wikitext-2" else "none")
-            result = evaluate_perplexity(scorer, docs, window=opts["window"], stride=opts["stride"],
-                                         detokenize=detok, field=opts["field"], source=source)
+            window = opts["window"]
+            if isinstance(window, (list, tuple)) and len(window) > 1:  # one run at growing windows
+                from gptlab.eval.perplexity import evaluate_perplexity_windows
+
+                result = evaluate_perplexity_windows(scorer, docs, list(window), stride=opts["stride"],
+                                                     detokenize=detok, field=opts["field"], source=source)
+            else:
+                window = window[0] if isinstance(window, (list, tuple)) else window
+                result = evaluate_perplexity(scorer, docs, window=window, stride=opts["stride"],
+                                             detokenize=detok, field=opts["field"], source=source)
         elif task == "lambada":
             from gptlab.eval.lambada import evaluate_lambada
 

@@ -90,3 +90,41 @@ def test_importing_the_eval_package_stays_light():
             "print('gptlab.cli' in sys.modules, 'lm_eval' in sys.modules, 'datasets' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["False", "False", "False"], p.stderr
+
+
+def test_perplexity_at_growing_windows_in_one_run_with_a_chart(tiny_gpt2_dir, tmp_path, capsys, corpus_text):
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus_text[:3000])
+    out = tmp_path / "ppl.json"
+    assert main(["eval", str(tiny_gpt2_dir), "--task", "perplexity", "--data", str(text), "--window", "16,64,32",
+                 "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bits_per_byte@16" in printed and "bits_per_byte@64" in printed
+    saved = json.loads(out.read_text())
+    rows = saved["details"]["windows"]
+    assert [r["window"] for r in rows] == [16, 32, 64]
+    assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each window's numbers are those of a run at that window alone
+    for r in rows:
+        alone = tmp_path / f"w{r['window']}.json"
+        assert main(["eval", str(tiny_gpt2_dir), "--task", "perplexity", "--data", str(text), "--window",
+                     str(r["window"]), "--no-progress", "--out", str(alone)]) == 0
+        single = json.loads(alone.read_text())["metrics"]
+        assert single["bits_per_byte"] == pytest.approx(r["bits_per_byte"], rel=1e-9)
+        assert single["token_perplexity"] == pytest.approx(saved["metrics"][f"token_perplexity@{r['window']}"])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("window, message", [
+    ("16,abc", "--window takes a token count or comma-separated counts"),
+    ("16,16", "--window sizes must be distinct"),
+    ("16,0", "window must be >= 1, got 0"),
+    ("16,100000", "window 100000 is past the model's context"),
+])
+def test_bad_window_lists_are_one_line(tiny_gpt2_dir, tmp_path, capsys, corpus_text, window, message):
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus_text[:500])
+    assert main(["eval", str(tiny_gpt2_dir), "--task", "perplexity", "--data", str(text), "--window", window,
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and message in err, err
