@@ -43,6 +43,8 @@ def positions_str(c: Config, theta: bool = False) -> str:
         parts.append("interleaved")
     if theta:
         parts.append(f"theta {c.rope_theta:.0f}" if c.rope_theta.is_integer() else f"theta {c.rope_theta:g}")
+        if c.rope_scaling != "default":
+            parts.append(f"{c.rope_scaling} x{c.rope_factor:g} from {c.rope_original_context:,}")
     return " ".join(parts)
 
 

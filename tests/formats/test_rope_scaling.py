@@ -170,3 +170,28 @@ def test_upcast_attention_runs_in_bf16(tmp_path):
         cached = generate_ids(low, [x[0].tolist()], max_new_tokens=5, eos_id=[])[0]
     assert out.dtype == torch.bfloat16 and len(cached) == 5
     assert (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+def test_gpt2_scaled_attention_trains_and_saves_back(tiny_tokenizer, tmp_path, capsys):
+    """Fine-tuned in full, then saved: the same config keys, and transformers computes the same logits."""
+    import transformers
+
+    from gptlab.cli import main
+
+    hf = make_hf_model("gpt2", vocab_size=tiny_tokenizer.vocab_size, n_positions=64, n_layer=3, bos_token_id=0,
+                       eos_token_id=0, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+    base = save_hf_model(hf, tmp_path / "base", tiny_tokenizer)
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} of some text to learn"}) + "\n" for i in range(40)))
+    assert main(["finetune", str(base), "--data", str(data), "--task", "lm", "--method", "full", "--max-steps", "4",
+                 "--out-dir", str(tmp_path / "run"), "--precision", "fp32", "--quiet", "--seq-len", "32"]) == 0
+    final = tmp_path / "run" / "final"
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["scale_attn_by_inverse_layer_idx"] is True and saved["reorder_and_upcast_attn"] is True
+    trained = gptlab.load(final)
+    x = _tokens(tiny_tokenizer.vocab_size, 20)
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(final).eval()(x).logits
+        assert (trained(x) - theirs).abs().max().item() <= 1e-4
+        assert (trained(x) - gptlab.load(base)(x)).abs().max().item() > 1e-4  # it did train
+    capsys.readouterr()
