@@ -11,8 +11,7 @@ from gptlab.train.pretrain import TrainConfig, run_pretraining
 def train_command(config: TrainConfig) -> int:
     """Pretrain a model: with no arguments, a small GPT-2 on the python-docs corpus in about 5 minutes on CPU.
 
-    Saves out_dir/final, best and last (HF model dirs; --resume reads last); torchrun runs it
-    data-parallel. All options: docs/training.md.
+    Saves out_dir/final, best, last (--resume). All options: docs/training.md.
 
     Args:
         config: a TrainConfig recipe (YAML) and/or --field=value overrides, e.g. --model.n_layer=6
@@ -25,8 +24,7 @@ def train_command(config: TrainConfig) -> int:
 def finetune_command(model: str, config: FinetuneConfig) -> int:
     """Fine-tune MODEL: full or LoRA; SFT, LM, classification or GPT-1 tasks.
 
-    Writes out_dir/final (LoRA: a PEFT adapter; full: an HF model dir), best and last (--resume reads it).
-    All options: docs/finetune.md. Examples:
+    Writes out_dir/final, best, last (--resume). docs/finetune.md has all options:
 
       gptlab finetune gpt2 --data=instructions.jsonl --method=lora --task=sft
       gptlab finetune Qwen/Qwen2.5-0.5B-Instruct recipes/finetune-lora-sft.yaml --data=chat.jsonl

@@ -13,6 +13,7 @@ from typing import Any
 from gptlab.eval.data import BENCHMARKS, load_docs
 from gptlab.eval.results import EvalResult
 from gptlab.errors import GptlabError
+from gptlab.limits import check, check_strings
 
 TASKS = ("perplexity", "lambada", "multiple_choice", "qa", "classification")
 TASK_ALIASES = {"classify": "classification"}  # the name `gptlab finetune` used to take
@@ -36,25 +37,17 @@ _DEFAULTS: dict[str, Any] = {
 
 def _check_options(opts: dict[str, Any], limit: int | None, batch_size: int) -> None:
     """Values that would run with a silent default or a wrong count: one clear error instead."""
-    at_least = {"window": 1, "stride": 1, "num_fewshot": 0, "max_new_tokens": 1, "bootstrap_iters": 0}
-    for name, low in at_least.items():
+    for name in ("window", "stride", "num_fewshot", "max_new_tokens", "bootstrap_iters", "rel_tol"):
         v = opts.get(name)
         for x in v if isinstance(v, list) else [v]:
-            if x is not None and x < low:
-                raise GptlabError(f"{name.replace('_', '-')} must be >= {low}, got {x}")
-    if limit is not None and limit < 1:
-        raise GptlabError(f"limit must be >= 1, got {limit}")
-    if batch_size < 1:
-        raise GptlabError(f"batch-size must be >= 1, got {batch_size}")
-    labels = opts.get("labels")
-    if labels:
-        twice = sorted({x for x in labels if labels.count(x) > 1})
-        if twice:
-            raise GptlabError(f"--labels must be distinct; {', '.join(map(repr, twice))} appears more than once")
+            if x is not None:
+                check(name, x)
+    if limit is not None:
+        check("limit", limit)
+    check("batch_size", batch_size)
+    check_strings("labels", opts.get("labels"), distinct=True)
     if opts.get("stop") is not None and any(not x for x in opts["stop"]):
         raise GptlabError("stop strings must not be empty (an empty one would end every answer at once)")
-    if opts.get("rel_tol") is not None and not 0 <= opts["rel_tol"] < 1:
-        raise GptlabError(f"rel-tol must be in [0, 1), got {opts['rel_tol']}")
 
 
 def evaluate(

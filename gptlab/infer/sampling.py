@@ -9,13 +9,13 @@ samples the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass, field
 
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.limits import check_fields
 from gptlab.infer.structured import Constraint
 
 
@@ -42,33 +42,13 @@ class Sampling:
     constraint: Constraint | None = None  # JSON schema / regex / choice / grammar the output must match (structured.py)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise GptlabError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GptlabError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GptlabError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GptlabError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise GptlabError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if any(not s for s in self.stop or []):
+        check_fields(self, ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                            "no_repeat_ngram_size", "min_p", "presence_penalty", "frequency_penalty", "n", "logprobs",
+                            "thinking_budget"))
+        if any(not isinstance(s, str) or not s for s in self.stop or []):
             raise GptlabError("stop strings must not be empty (an empty one would end every reply at once)")
-        if self.no_repeat_ngram_size < 0:
-            raise GptlabError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise GptlabError(f"min_p must be in [0, 1], got {self.min_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise GptlabError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.n < 1:
-            raise GptlabError(f"n must be >= 1, got {self.n}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise GptlabError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.constraint is not None and not isinstance(self.constraint, Constraint):
             raise GptlabError(f"constraint must be a gptlab.infer.structured.Constraint, got {type(self.constraint).__name__}")
-        if self.thinking_budget is not None and self.thinking_budget < 0:
-            raise GptlabError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gptlab.limits import LIMITS
+
 MAX_STOP = 16  # stop strings per request
 
 
@@ -51,19 +53,21 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # bounds from gptlab.limits, the table the CLI and the Python API check too (temperature capped at
+    # OpenAI's 2; top_k also takes vLLM's -1 / 0 for "off"; repetition_penalty capped at 10)
+    temperature: float | None = Field(default=None, **LIMITS["temperature"].narrowed(high=2.0).field())
+    top_p: float | None = Field(default=None, **LIMITS["top_p"].field())
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off (vLLM's convention)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    n: int = Field(default=1, ge=1)
+    min_p: float | None = Field(default=None, **LIMITS["min_p"].field())
+    presence_penalty: float | None = Field(default=None, **LIMITS["presence_penalty"].field())
+    frequency_penalty: float | None = Field(default=None, **LIMITS["frequency_penalty"].field())
+    repetition_penalty: float | None = Field(default=None, **LIMITS["repetition_penalty"].narrowed(high=10.0).field())
+    n: int = Field(default=1, **LIMITS["n"].field())
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, **LIMITS["max_new_tokens"].field())
     user: str | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -86,7 +90,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, **LIMITS["logprobs"].field())
     echo: bool = False
 
     @field_validator("prompt")
@@ -157,11 +161,11 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, **LIMITS["max_new_tokens"].field())
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, **LIMITS["logprobs"].field())
     chat_template_kwargs: dict[str, Any] | None = None
-    thinking_token_budget: int | None = Field(default=None, ge=0)
+    thinking_token_budget: int | None = Field(default=None, **LIMITS["thinking_budget"].field())
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

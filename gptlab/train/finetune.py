@@ -38,6 +38,7 @@ from gptlab.data import examples
 from gptlab.data.examples import ExampleBatches, load_class_rows
 from gptlab.data.gpt1_tasks import GPT1_TASKS, TOKENS, GroupCollate, TaskTokens, load_task_rows, task_tokens
 from gptlab.errors import GptlabError
+from gptlab.limits import check_fields
 from gptlab.eval.metrics import classification_report
 from gptlab.formats import hf
 from gptlab.models import stats
@@ -88,16 +89,7 @@ class FinetuneConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         self.task = self.ALIASES["task"].get(self.task, self.task)
-        check = {"val-fraction": (self.val_fraction, 0.0 <= self.val_fraction < 1.0, "in [0, 1)"),
-                 "seq-len": (self.seq_len, self.seq_len >= 0, ">= 0 (0 = the context length)"),
-                 "lora-r": (self.lora_r, self.lora_r >= 1, ">= 1"),
-                 "lora-alpha": (self.lora_alpha, math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "> 0"),
-                 "lora-dropout": (self.lora_dropout, 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
-                 "lm-loss-weight": (self.lm_loss_weight, math.isfinite(self.lm_loss_weight) and self.lm_loss_weight >= 0,
-                                    ">= 0 and finite")}
-        for name, (value, ok, allowed) in check.items():
-            if not ok:
-                raise GptlabError(f"{name} must be {allowed}, got {value}")
+        check_fields(self, ("val_fraction", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "lm_loss_weight"))
 
 
 @dataclass

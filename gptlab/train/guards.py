@@ -4,11 +4,11 @@ loop settings that would train nothing refused before any work (check_loop_confi
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.limits import check_fields
 
 RUN_ENTRIES = ("last", "best", "final", "merged", "metrics.jsonl", "tb")  # what a run writes in out_dir
 
@@ -72,22 +72,12 @@ def _alive(pid) -> bool:
     return True
 
 
+LOOP_LIMITS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every", "eval_batches", "log_every",
+               "save_every", "patience", "stop_at_step", "skip_nonfinite", "lr", "min_lr", "weight_decay", "eps",
+               "grad_clip", "beta1", "beta2")
+
+
 def check_loop_config(cfg) -> None:
-    """One clear error for a loop setting that would train nothing or train wrong (run before any work)."""
-    ints = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
-            "eval_batches": 1, "log_every": 1, "save_every": 0, "patience": 0, "stop_at_step": 0}
-    for name, low in ints.items():
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise GptlabError(f"{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-    floats = {"lr": (0.0, False), "min_lr": (0.0, True), "weight_decay": (0.0, True), "eps": (0.0, False),
-              "grad_clip": (0.0, True)}
-    for name, (low, inclusive) in floats.items():
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or (v < low if inclusive else v <= low):
-            raise GptlabError(f"{name.replace('_', '-')} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                              f"got {v!r}")
-    for name in ("beta1", "beta2"):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise GptlabError(f"{name} must be in [0, 1), got {v!r}")
+    """One clear error for a loop setting that would train nothing or train wrong (run before any work);
+    the bounds are gptlab.limits.LIMITS, shared with the server and the other commands."""
+    check_fields(cfg, LOOP_LIMITS)

@@ -103,6 +103,7 @@ class LoopConfig:
     resume: bool = False  # continue from out_dir/last
     overwrite: bool = False  # replace the run already in out_dir
     stop_at_step: int = 0  # end this session at this step (0 = off)
+    skip_nonfinite: int = 0  # skip up to N non-finite steps (0 = stop)
     quiet: bool = False  # no progress bar or log lines
     peak_tflops: float = 0.0  # device peak for MFU (0 = measure it)
 
@@ -217,6 +218,7 @@ class Trainer:
         self.params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg, self.device)
         self.step = 0  # optimizer steps taken
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
         self.best: float | None = None
         self.bad_evals = 0  # evaluations since the last new best (early stopping)
         self.history: list[dict[str, Any]] = []  # eval records of this session
@@ -284,9 +286,20 @@ class Trainer:
         loss_value = totals[0] / n_items
         if not (torch.isfinite(loss_value) and torch.isfinite(grad_norm)):
             what = "loss" if not torch.isfinite(loss_value) else "gradient norm"
-            raise GptlabError(f"step {self.step + 1}: the {what} is {float(loss_value if what == 'loss' else grad_norm)}; "
-                              f"training stopped before this step changed the weights (checkpoints on disk are "
-                              f"from earlier steps). Lower --lr, or check the data")
+            value = float(loss_value if what == "loss" else grad_norm)
+            if self.skipped_steps >= cfg.skip_nonfinite:
+                more = f" after skipping {self.skipped_steps} such step(s)" if self.skipped_steps else ""
+                raise GptlabError(f"step {self.step + 1}: the {what} is {value}{more}; training stopped before this "
+                                  f"step changed the weights (checkpoints on disk are from earlier steps). Lower "
+                                  f"--lr, or check the data (--skip-nonfinite N skips up to N such steps)")
+            self.skipped_steps += 1  # the batch is used up, the weights and the optimizer's moments untouched
+            self.optimizer.zero_grad(set_to_none=True)
+            self._print(None, f"step {self.step + 1}: the {what} is {value}; step skipped "
+                              f"({self.skipped_steps} of at most {cfg.skip_nonfinite})")
+            self.step += 1
+            self._log({"step": self.step, "skipped_nonfinite": what, "skipped_steps": self.skipped_steps})
+            return {"loss": float("nan"), "lr": lr, "grad_norm": float("nan"), "tokens": int(totals[2].item()),
+                    "skipped": self.skipped_steps}
         self.optimizer.step()
         self.step += 1
         return {"loss": (totals[0] / n_items).item(), "lr": lr, "grad_norm": float(grad_norm),
@@ -342,6 +355,7 @@ class Trainer:
             if with_state:
                 torch.save(self.optimizer.state_dict(), stage / "trainer" / "optimizer.pt")
                 state = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals,
+                         "skipped_steps": self.skipped_steps,
                          "world": self.dist.world, "config": dataclasses.asdict(self.config)}
                 (stage / "trainer" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
             replace_dir(stage, dest)
@@ -377,6 +391,8 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+        skipped = state.get("skipped_steps", 0)
+        self.skipped_steps = skipped if isinstance(skipped, int) and not isinstance(skipped, bool) else 0
 
     def _resumable(self) -> Path | None:
         """out_dir/last, or the previous `last` when a crash came between the two renames of replace_dir."""

@@ -125,7 +125,7 @@ def test_non_numeric_option_values(capsys, tiny_gpt2_dir, option, value):
 
 def test_out_of_range_option_values(capsys, tiny_gpt2_dir):
     code, _, err = run(capsys, "generate", str(tiny_gpt2_dir), "--prompt", "x", "--top-p", "2")
-    assert_one_line_error(code, err, "top_p")
+    assert_one_line_error(code, err, "top-p")
 
 
 def test_help_comes_from_docstrings(capsys):

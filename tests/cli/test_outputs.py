@@ -72,9 +72,9 @@ def _umask() -> int:
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--task", "perplexity", "--stride", "0"], "stride must be >= 1"),
-    (["--task", "perplexity", "--window", "0"], "window must be >= 1"),
-    (["--task", "multiple_choice", "--num-fewshot", "-1"], "num-fewshot must be >= 0"),
+    (["--task", "perplexity", "--stride", "0"], "stride must be an integer >= 1"),
+    (["--task", "perplexity", "--window", "0"], "window must be an integer >= 1"),
+    (["--task", "multiple_choice", "--num-fewshot", "-1"], "num-fewshot must be an integer >= 0"),
     (["--task", "classification", "--labels", "a", "b", "a"], "'a' appears more than once"),
     (["--task", "qa", "--stop", ""], "stop strings must not be empty"),
     (["--task", "perplexity", "--out", "."], "is a directory"),

@@ -118,7 +118,7 @@ def test_perplexity_at_growing_windows_in_one_run_with_a_chart(tiny_gpt2_dir, tm
 @pytest.mark.parametrize("window, message", [
     ("16,abc", "--window takes a token count or comma-separated counts"),
     ("16,16", "--window sizes must be distinct"),
-    ("16,0", "window must be >= 1, got 0"),
+    ("16,0", "window must be an integer >= 1, got 0"),
     ("16,100000", "window 100000 is past the model's context"),
 ])
 def test_bad_window_lists_are_one_line(tiny_gpt2_dir, tmp_path, capsys, corpus_text, window, message):

@@ -26,7 +26,7 @@ def _recipe(tmp_path, pydocs, **extra):  # noqa: F811
     ("--batch-size", "0", "batch-size must be an integer >= 1"),
     ("--lr", "nan", "lr must be a finite number > 0"),
     ("--lr", "-1", "lr must be a finite number > 0"),
-    ("--beta2", "1.5", "beta2 must be in [0, 1)"),
+    ("--beta2", "1.5", "beta2 must be a finite number in [0, 1)"),
     ("--grad-clip", "inf", "grad-clip must be a finite number >= 0"),
 ])
 def test_settings_that_train_nothing_are_refused_before_any_work(capsys, tmp_path, pydocs, option, value, says):  # noqa: F811
@@ -101,10 +101,10 @@ def test_a_second_writer_is_refused_at_once_and_a_stale_lock_taken_over(capsys, 
     assert not lock.exists()  # released at the end
 
 
-@pytest.mark.parametrize("args, says", [(["--val-fraction", "1.5"], "val-fraction must be in [0, 1)"),
-                                        (["--max-len", "-3"], "seq-len must be >= 0"),
-                                        (["--lora-r", "0"], "lora-r must be >= 1"),
-                                        (["--lora-dropout", "1"], "lora-dropout must be in [0, 1)")])
+@pytest.mark.parametrize("args, says", [(["--val-fraction", "1.5"], "val-fraction must be a finite number in [0, 1)"),
+                                        (["--max-len", "-3"], "seq-len must be an integer >= 0"),
+                                        (["--lora-r", "0"], "lora-r must be an integer >= 1"),
+                                        (["--lora-dropout", "1"], "lora-dropout must be a finite number in [0, 1)")])
 def test_finetune_values_that_train_wrong_are_refused(capsys, tmp_path, tiny_gpt2_dir, args, says):
     (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     code, _, err = run(capsys, "finetune", str(tiny_gpt2_dir), "--data", str(tmp_path / "d.jsonl"),
@@ -118,7 +118,7 @@ def test_chat_with_a_bad_reply_length_ends_with_one_error(capsys, tmp_path, tiny
 
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     code, _, err = run(capsys, "chat", str(tiny_gpt2_dir), "--plain", "--max-new-tokens", "-1")
-    assert_one_line_error(code, err, "max_new_tokens must be >= 1")
+    assert_one_line_error(code, err, "max-new-tokens must be an integer >= 1")
 
 
 @pytest.mark.parametrize("device, says", [("cuda", "CUDA is not available"), ("gpu", "unknown device 'gpu'")])
@@ -183,3 +183,60 @@ def test_a_damaged_checkpoint_is_named_file_by_file(capsys, tmp_path, pydocs, da
         (trainer / "rng-0.pt").unlink()
     code, _, err = run(capsys, "train", recipe, "--resume")
     assert_one_line_error(code, err, says)
+
+
+def _nan_at(calls: set[int]):
+    """A next-token loss that is NaN on the given (1-based) calls."""
+    from gptlab.train.losses import next_token_loss
+
+    seen = {"n": 0}
+
+    def loss(model, batch):
+        seen["n"] += 1
+        total, count = next_token_loss(model, batch)
+        return (total * float("nan") if seen["n"] in calls else total), count
+
+    return loss
+
+
+def _tiny_trainer(tmp_path, loss_fn, **cfg):
+    from gptlab import GPT, Config
+    from gptlab.data.examples import Collate, ExampleBatches
+    from gptlab.train.loop import LoopConfig, Trainer
+
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=50, n_layer=1, n_head=2, n_embd=16, context_length=16))
+    rows = [(list(range(i, i + 8)), list(range(i + 1, i + 9))) for i in range(20)]
+    data = ExampleBatches(rows, 4, Collate(0), seed=0)
+    config = LoopConfig(out_dir=str(tmp_path / "run"), max_steps=6, eval_every=0, precision="fp32", quiet=True,
+                        warmup_steps=0, keep_best=False, **cfg)
+    return Trainer(model, data, None, config, loss_fn=loss_fn, saver=_NoSave())
+
+
+class _NoSave:
+    def save(self, model, path):
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({}, path / "empty.pt")
+
+    def load(self, model, path):
+        pass
+
+
+def test_non_finite_steps_are_skipped_up_to_the_limit_then_stop(tmp_path, capsys):
+    from gptlab.errors import GptlabError
+
+    trainer = _tiny_trainer(tmp_path / "a", _nan_at({2, 4}), skip_nonfinite=2)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.fit()
+    assert trainer.step == 6 and trainer.skipped_steps == 2 and "skipped" not in metrics
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in records if "skipped_nonfinite" in r] == [(2, 1), (4, 2)]
+
+    trainer = _tiny_trainer(tmp_path / "b", _nan_at({2, 4}), skip_nonfinite=1)
+    with pytest.raises(GptlabError, match=r"step 4: the loss is nan after skipping 1 such step"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
