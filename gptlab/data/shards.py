@@ -59,22 +59,29 @@ class _ShardWriter:
                 self._open()
             room = self.shard_tokens - self.shards[-1]["tokens"]
             part, arr = arr[:room], arr[room:]
-            self._f.write(part.tobytes())
+            raw = part.tobytes()
+            self._f.write(raw)
+            self._hash.update(raw)
             self.shards[-1]["tokens"] += int(part.size)
         self.tokens += len(ids)
         self.bytes += n_bytes
         self.documents += int(ends_doc)
 
     def _open(self) -> None:
-        if self._f is not None:
-            self._f.close()
+        self._finish()
         name = f"{self.split}-{len(self.shards):05d}.bin"
         self._f = open(self.root / name, "wb")
+        self._hash = hashlib.sha256()
         self.shards.append({"file": name, "tokens": 0})
 
-    def close(self) -> dict[str, Any]:
+    def _finish(self) -> None:
         if self._f is not None:
             self._f.close()
+            self.shards[-1]["sha256"] = self._hash.hexdigest()  # checked when a run opens the shard
+            self._f = None
+
+    def close(self) -> dict[str, Any]:
+        self._finish()
         return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.shards}
 
 
@@ -266,6 +273,9 @@ def _open_shard(data: Path, shard: dict[str, Any], dtype: np.dtype, vocab: int |
         raise GptlabError(f"{path} is {size:,} bytes but the manifest says {shard['tokens']:,} tokens "
                           f"({expected:,} bytes): truncated or replaced; prepare the data again")
     m = np.memmap(path, dtype=dtype, mode="r")
+    if "sha256" in shard and m.size and hashlib.sha256(memoryview(m)).hexdigest() != shard["sha256"]:
+        raise GptlabError(f"{path} does not match the checksum prepare wrote in the manifest (changed since); "
+                          f"prepare the data again")
     if vocab is not None and m.size and int(m.max()) >= int(vocab):
         raise GptlabError(f"{path} holds token id {int(m.max())}, outside the vocabulary of {vocab}; prepare the "
                           f"data again")

@@ -62,6 +62,7 @@ class FinetuneConfig(LoopConfig):
     GROUP: ClassVar[str] = "data, method and task"
     RENAMED: ClassVar[dict[str, str]] = {"max_len": "seq_len"}  # earlier option names, still read
     ALIASES: ClassVar[dict[str, dict[str, str]]] = {"task": {"classify": "classification"}}  # other values read
+    RESUME_SAME: ClassVar[tuple[str, ...]] = ("method", "task", "lora_targets", "lora_r")  # last/ is laid out by them
 
     data: str = ""  # training JSONL (row shapes: docs/finetune.md)
     val_data: str = ""  # validation JSONL ("" = hold out val_fraction)

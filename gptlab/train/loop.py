@@ -107,6 +107,10 @@ class LoopConfig:
     quiet: bool = False  # no progress bar or log lines
     peak_tflops: float = 0.0  # device peak for MFU (0 = measure it)
 
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _load_tensors(path: Path, device: torch.device):
     """torch.load(weights_only=True) of a trainer state file, with one clear error naming it when it is missing,
     truncated or not such a file."""
@@ -373,6 +377,12 @@ class Trainer:
         for key, kinds in (("step", int), ("bad_evals", int), ("best", (int, float, type(None)))):
             if key not in state or isinstance(state[key], bool) or not isinstance(state[key], kinds):
                 raise GptlabError(f"{state_file}: {key!r} is missing or not a number; the checkpoint is damaged")
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        for key in getattr(self.config, "RESUME_SAME", ()):  # settings a checkpoint's files depend on
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise GptlabError(f"{path} was written by a run with --{key.replace('_', '-')} {_shown(saved[key])}, "
+                                  f"this one has {_shown(getattr(self.config, key))}; resume with the same setting, "
+                                  f"or start a new run with --overwrite")
         if state.get("world", 1) != self.dist.world:
             raise GptlabError(f"{path} was written by {state['world']} processes; resume with the same number "
                               f"(this run has {self.dist.world})")

@@ -189,6 +189,7 @@ def test_python_docs_corpus_is_deterministic_and_has_no_side_effects(capsys):
 
 
 @pytest.mark.parametrize("damage, says", [("truncate", "truncated or replaced"), ("missing", "is missing"),
+                                          ("edited", "does not match the checksum prepare wrote"),
                                           ("foreign", "outside the vocabulary")])
 def test_damaged_shards_are_named_not_trained_on(tmp_path, tiny_tokenizer, damage, says):
     out = tmp_path / "data"
@@ -199,9 +200,17 @@ def test_damaged_shards_are_named_not_trained_on(tmp_path, tiny_tokenizer, damag
         shard.write_bytes(data[: len(data) // 2 // 2 * 2])  # an even size: still whole tokens
     elif damage == "missing":
         shard.unlink()
-    else:
+    elif damage == "edited":  # same size, ids still in the vocabulary: only the checksum tells
+        arr = np.frombuffer(data, dtype=np.uint16).copy()
+        arr[10] = (int(arr[10]) + 1) % 512
+        shard.write_bytes(arr.tobytes())
+    else:  # an id past the vocabulary, in a manifest from before checksums
         arr = np.frombuffer(data, dtype=np.uint16).copy()
         arr[10] = 60000
         shard.write_bytes(arr.tobytes())
+        manifest = json.loads((out / "manifest.json").read_text())
+        for s in manifest["splits"]["train"]["shards"]:
+            s.pop("sha256")
+        (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(GptlabError, match=says):
         TokenWindows(out, "train", 32, 4)

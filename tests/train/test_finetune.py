@@ -336,3 +336,19 @@ def test_long_lm_documents_become_windows_with_every_token_a_target_once(tmp_pat
     rows = sft.to_rows(enc.examples, seq_len=100)
     assert enc.split == 1 and len(rows) > 1 and all(len(x) <= 100 for x, _ in rows)
     assert [t for _, y in rows for t in y] == (tok.encode(text) + [tok.eos_id])[1:]
+
+
+def test_resuming_a_lora_run_as_full_names_the_setting(tmp_path, tiny_gpt2_dir, capsys):
+    from gptlab.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", rules_rows())
+    common = ["finetune", str(tiny_gpt2_dir), "--data", str(data), "--max-steps", "4", "--out-dir",
+              str(tmp_path / "run"), "--precision", "fp32", "--quiet", "--val-fraction", "0"]
+    assert main([*common, "--method", "lora", "--stop-at-step", "2"]) == 0
+    before = sorted(p.name for p in (tmp_path / "run" / "last").iterdir())
+    capsys.readouterr()
+    assert main([*common, "--method", "full", "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "was written by a run with --method lora, this one has full" in err
+    assert sorted(p.name for p in (tmp_path / "run" / "last").iterdir()) == before  # nothing touched
