@@ -91,15 +91,24 @@ LIMITS: dict[str, Limit] = {
     "min_p": _float(0, 1), "repetition_penalty": _float(0, low_open=True), "presence_penalty": _float(-2, 2),
     "frequency_penalty": _float(-2, 2), "no_repeat_ngram_size": _int(0), "n": _int(1), "logprobs": _int(0, 20),
     "thinking_budget": _int(0),
+    # data
+    "prepare_val_fraction": _float(0, 0.5, low_open=True, high_open=True), "dedup_threshold": _float(0, 1, low_open=True),
+    "num_perm": _int(16, 1024), "ngram": _int(8, note="shorter n-grams match common phrases"), "max_train_docs": _int(1),
+    # serving
+    "max_batch": _int(1), "max_batched_tokens": _int(1), "max_n": _int(1), "max_waiting": _int(1), "block_size": _int(1),
+    "port": _int(0, 65535), "num_samples": _int(1),
     # evaluation
     "window": _int(1), "stride": _int(1), "num_fewshot": _int(0), "limit": _int(1), "bootstrap_iters": _int(0),
     "rel_tol": _float(0, 1, high_open=True),
 }
 
 
+SPELLED = {"prepare_val_fraction": "val_fraction"}  # table entries for one command's own range of a shared name
+
+
 def option(name: str) -> str:
     """How the command line spells a field (the name errors use): max_new_tokens -> max-new-tokens."""
-    return name.replace("_", "-")
+    return SPELLED.get(name, name).replace("_", "-")
 
 
 def check(name: str, value: Any, limit: Limit | None = None) -> None:

@@ -6,6 +6,7 @@ import sys
 
 from gptlab.cli import command
 from gptlab.errors import GptlabError
+from gptlab.limits import check
 from gptlab.formats import hf
 from gptlab.infer.generate import engine_for, generate
 from gptlab.infer.sampling import Sampling
@@ -64,8 +65,7 @@ def generate_command(
     """
     prompts = prompt or [""]
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
-    if num_samples < 1:
-        raise GptlabError("num_samples must be >= 1")
+    check("num_samples", num_samples)
     m = hf.load(model, dtype=dtype, device=device)
     tok = load_tokenizer(model)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

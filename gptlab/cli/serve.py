@@ -8,6 +8,7 @@ import sys
 
 from gptlab.cli import command
 from gptlab.errors import GptlabError
+from gptlab.limits import check
 
 
 @command("serve")
@@ -61,8 +62,7 @@ def serve(
     from gptlab.formats import hf
     from gptlab.serve.app import ServeConfig, create_app
 
-    if not 0 <= port <= 65535:
-        raise GptlabError(f"port must be in 0..65535, got {port}")
+    check("port", port)
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise GptlabError(f"log_level must be critical, error, warning, info or debug, got {log_level!r}")
     hf.read_config(hf.resolve(model, hf.HUB_CONFIG_PATTERNS))  # a bad model fails here, before the server starts

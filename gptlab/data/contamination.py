@@ -30,6 +30,7 @@ import numpy as np
 from gptlab.data.jsonl import read_jsonl
 from gptlab.data.quality import WordHashes, ngram_hashes, read_documents, split_words
 from gptlab.errors import GptlabError
+from gptlab.limits import check
 
 MIN_WORDS = 8
 EVAL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -141,10 +142,8 @@ def find_contamination(train, evals: list[str | Path], out: str | Path, ngram: i
     report.md; returns the report."""
     from tqdm.auto import tqdm
 
-    if ngram < MIN_WORDS:
-        raise GptlabError(f"--ngram must be at least {MIN_WORDS}, got {ngram}")
-    if max_train_docs < 1:
-        raise GptlabError(f"--max-train-docs must be at least 1, got {max_train_docs}")
+    check("ngram", ngram)  # at least MIN_WORDS
+    check("max_train_docs", max_train_docs)
     hasher = WordHashes()
     files = [(Path(e), read_eval(e)) for e in evals]
     names = _names([p for p, _ in files])

@@ -36,6 +36,7 @@ from gptlab.data import pydocs
 from gptlab.data.corpus import corpus_files
 from gptlab.data.jsonl import read_jsonl
 from gptlab.errors import GptlabError
+from gptlab.limits import check
 
 # CJK ideographs, kana and hangul: each character is a word (no spaces between words in those scripts)
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -267,8 +268,7 @@ class MinHasher:
     """MinHash signatures (num_perm uint32 values) of documents' word-shingle sets."""
 
     def __init__(self, num_perm: int = 128, shingle: int = 2, seed: int = 1) -> None:
-        if not 16 <= num_perm <= 1024:
-            raise GptlabError(f"num_perm must be in 16..1024, got {num_perm}")
+        check("num_perm", num_perm)
         rng = np.random.default_rng(seed)
         self.num_perm, self.shingle = num_perm, shingle
         self.a = (rng.integers(1, 2**63, num_perm, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)  # odd
@@ -307,8 +307,7 @@ class Deduper:
                  shingle: int = 2) -> None:
         if method not in ("exact", "minhash"):
             raise GptlabError(f"--dedup must be exact or minhash, got {method!r}")
-        if not 0.0 < threshold <= 1.0:
-            raise GptlabError(f"--dedup-threshold must be in (0, 1], got {threshold}")
+        check("dedup_threshold", threshold)
         self.method, self.threshold = method, threshold
         self._exact: dict[bytes, str] = {}  # digest -> id of the kept document
         if method == "minhash":

@@ -30,7 +30,8 @@ import torch
 from gptlab.data import pydocs
 from gptlab.data.corpus import corpus_fingerprint, corpus_texts, read_corpus
 from gptlab.errors import GptlabError
-from gptlab.formats.files import check_destination, read_json, replace_dir
+from gptlab.limits import check
+from gptlab.formats.files import RunLock, check_destination, read_json, replace_dir
 
 FORMAT = "gptlab-tokens-1"
 BATCH_CHARS = 1 << 20  # characters handed to the tokenizer per encode_batch call (it parallelises inside)
@@ -111,8 +112,7 @@ def prepare(
     if isinstance(tokenizer, (str, Path)):
         tokenizer_source = tokenizer_source or str(tokenizer)
         tokenizer = load_tokenizer(tokenizer)
-    if not 0.0 < val_fraction < 0.5:
-        raise GptlabError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
+    check("prepare_val_fraction", val_fraction)
     eos = tokenizer.eos_id
     if eos is None:
         raise GptlabError("the tokenizer has no end-of-text token to separate documents")
@@ -120,6 +120,7 @@ def prepare(
     dtype = token_dtype(vocab)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, lock_file=out.parent / f".{out.name}.gptlab.lock", option="-o")  # one prepare per dir
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
@@ -186,6 +187,8 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     return manifest
 
 

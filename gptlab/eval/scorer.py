@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.limits import check
 from gptlab.models.kvcache import DenseCache
 
 Tokens = list[int]
@@ -41,8 +42,7 @@ class Scorer:
 
     def __init__(self, model, tokenizer, batch_size: int = 16, context_length: int | None = None,
                  progress: bool = True) -> None:
-        if batch_size < 1:
-            raise GptlabError(f"batch_size must be >= 1, got {batch_size}")
+        check("batch_size", batch_size)
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.context_length = context_length or model.config.context_length  # tokens a request may read

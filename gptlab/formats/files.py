@@ -105,3 +105,78 @@ def replace_dir(new: Path, dest: Path) -> None:
     _fsync(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class RunLock:
+    """out_dir/.gptlab.lock: one writing process per run dir. Holds the owner's pid and host; a lock whose
+    process is gone (same host) is stale and taken over. Released on release() or at exit.
+
+    lock_file: where the lock lives when not in out_dir (prepare replaces its whole output dir, so its lock
+    sits beside it); option: the option that names the dir, for the error's advice.
+    """
+
+    def __init__(self, out_dir: Path, lock_file: Path | None = None, option: str = "--out-dir") -> None:
+        import atexit
+        import socket
+
+        out_dir = Path(out_dir)
+        self.created = lock_file is None and not out_dir.exists()  # a failed start takes a dir it made away
+        if lock_file is None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        self.dir, self.path = out_dir, lock_file or out_dir / ".gptlab.lock"
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner == {}:
+                    raise GptlabError(f"{self.path} is not a lock gptlab can read; delete it if no run is using "
+                                      f"{out_dir}") from None
+                mine_or_gone = owner is not None and owner.get("host") == me["host"] and (
+                    owner.get("pid") == me["pid"] or not _alive(owner.get("pid")))  # this process's own, or stale
+                if owner is not None and not mine_or_gone:
+                    raise GptlabError(f"{out_dir} is in use by another gptlab run (pid {owner.get('pid')} on "
+                                      f"{owner.get('host')}); wait for it, or choose another {option}") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            atexit.register(self.release)
+            return
+        raise GptlabError(f"could not take the lock {self.path}")
+
+    def _owner(self) -> dict | None:
+        try:
+            d = json.loads(self.path.read_text())
+            return d if isinstance(d, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: treat as held by someone unknown
+
+    def release(self) -> None:
+        owner = self._owner()
+        if owner and owner.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """release(), and remove the run dir when this run made it and it is still empty."""
+        self.release()
+        if self.created:
+            try:
+                self.dir.rmdir()  # only succeeds when empty
+            except OSError:
+                pass
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

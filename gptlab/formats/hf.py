@@ -158,6 +158,9 @@ def load_with_extras(
                 f"weight shape mismatch for {name}: checkpoint has {tuple(t.shape)}, config.json implies "
                 f"{tuple(expected[name].shape)}"
             )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a diverged run's weights, or damage
+            raise GptlabError(f"{path}: weight {name} holds NaN or infinite values; the checkpoint is damaged "
+                              f"(saved from a run that diverged?) and would generate nothing meaningful")
         # contiguous (out, in) rows for every family: GPT-2's Conv1D (in, out) views are copied once here,
         # since row-major weights are what the decode kernels stream fastest (gptlab/kernels)
         sd[name] = t.to(device=device, dtype=dtype).contiguous()

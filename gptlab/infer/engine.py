@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.limits import check_fields
 from gptlab.infer.paged import PagedCache, Segment
 from gptlab.infer.sampling import Row, Sampling, TokenLogprobs, sample_rows
 from gptlab.infer.scheduler import BlockManager, QueueFull, Scheduler, Sequence, Status
@@ -69,9 +70,7 @@ class EngineConfig:
     max_waiting: int = 1024  # requests queued beyond the running batch; more are refused (QueueFull)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_batched_tokens", "block_size", "max_waiting"):
-            if getattr(self, name) < 1:
-                raise GptlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, ("max_batch", "max_batched_tokens", "block_size", "max_waiting"))
 
 
 @dataclass

@@ -438,13 +438,15 @@ class Trainer:
             return
         ours = [n for n in RUN_ENTRIES if (out / n).exists()]
         others = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
-        if ours and not cfg.overwrite:
+        # --resume of a run killed before its first checkpoint: only its logs exist, and it starts over
+        restart = cfg.resume and set(ours) <= {"metrics.jsonl", "tb"}
+        if ours and not cfg.overwrite and not restart:
             raise GptlabError(f"{out} holds a run ({', '.join(ours)}); pass --resume to continue it, --overwrite to "
                               f"start over, or choose another --out-dir")
         if others and not cfg.overwrite:
             raise GptlabError(f"{out} holds files that are not a gptlab run ({', '.join(others[:3])}); choose "
                               f"another --out-dir (or --overwrite to train there anyway)")
-        for n in ours:  # --overwrite: the earlier run's own checkpoints and logs go, nothing else
+        for n in ours:  # --overwrite (or that restart): the earlier run's own checkpoints and logs go, nothing else
             target = out / n
             shutil.rmtree(target) if target.is_dir() else target.unlink()
 
@@ -506,7 +508,17 @@ class Trainer:
 
     # ---- the run ----
     def fit(self) -> dict[str, Any]:
-        """Train to max_steps (or until early stopping / stop_at_step); returns the last metrics."""
+        """Train to max_steps (or until early stopping / stop_at_step); returns the last metrics. A run that
+        fails lets go of out_dir (its lock, and the dir itself when this run made it and wrote nothing)."""
+        try:
+            return self._fit()
+        except BaseException:
+            if self._lock is not None:
+                self._lock.abandon()
+                self._lock = None
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         if self.dist.main:
             self._lock = self._lock or RunLock(self.out_dir)

@@ -108,7 +108,7 @@ def test_bad_input_is_one_clear_error(setup, tmp_path, capsys):
     cases = [([str(root / "train.jsonl"), str(tmp_path / "e.csv")], "not an eval file gptlab reads"),
              ([str(tmp_path / "blank.txt"), str(root / "mc.jsonl")], "no documents"),
              ([str(root / "train.jsonl"), str(tmp_path / "missing.jsonl")], "does not exist"),
-             ([str(root / "train.jsonl"), str(root / "mc.jsonl"), "--ngram", "3"], "at least 8")]
+             ([str(root / "train.jsonl"), str(root / "mc.jsonl"), "--ngram", "3"], "ngram must be an integer >= 8")]
     for args, says in cases:
         code = cli.main(["contamination", *args, "-o", str(tmp_path / "o"), "--quiet"])
         err = capsys.readouterr().err

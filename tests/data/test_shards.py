@@ -214,3 +214,24 @@ def test_damaged_shards_are_named_not_trained_on(tmp_path, tiny_tokenizer, damag
         (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(GptlabError, match=says):
         TokenWindows(out, "train", 32, 4)
+
+
+def test_a_second_prepare_on_the_same_output_is_refused(tmp_path, tiny_tokenizer, corpus_text):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "corpus.txt").write_text(corpus_text[:30_000])
+    lock = tmp_path / ".data.gptlab.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(GptlabError, match=rf"in use by another gptlab run \(pid {other.pid}.*choose another -o"):
+            prepare(tmp_path / "corpus.txt", tiny_tokenizer, tmp_path / "data", val_fraction=0.05, show_progress=False)
+        assert not (tmp_path / "data").exists()
+    finally:
+        other.kill()
+        other.wait()
+    prepare(tmp_path / "corpus.txt", tiny_tokenizer, tmp_path / "data", val_fraction=0.05, show_progress=False)
+    assert (tmp_path / "data" / "manifest.json").is_file() and not lock.exists()

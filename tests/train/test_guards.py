@@ -240,3 +240,50 @@ def test_non_finite_steps_are_skipped_up_to_the_limit_then_stop(tmp_path, capsys
     with pytest.raises(GptlabError, match=r"step 4: the loss is nan after skipping 1 such step"):
         trainer.fit()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_two_processes_on_one_out_dir_the_second_refused_at_once_the_first_unaffected(tmp_path, pydocs):  # noqa: F811
+    """Real processes: B is refused while A trains; A goes on; A SIGKILLed leaves a stale lock that a
+    --resume takes over, continuing A's run from its last checkpoint."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = _recipe(tmp_path, pydocs, max_steps=100000, eval_every=0, save_every=20, log_every=5)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "gptlab", "train", recipe]
+    a = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    run_dir = tmp_path / "run"
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "last" / "trainer" / "state.json").is_file():  # A is training and has saved
+            assert a.poll() is None and time.time() < deadline, a.stderr.read() if a.poll() is not None else "slow"
+            time.sleep(0.1)
+        t0 = time.perf_counter()
+        b = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert b.returncode == 1
+        err = b.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and f"in use by another gptlab run (pid {a.pid}" in err[0]
+        assert "Traceback" not in b.stderr
+        refused_in = time.perf_counter() - t0
+        steps_then = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        time.sleep(1.0)
+        assert a.poll() is None  # A is unaffected: still training,
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps)  # one run's records, in order
+        assert len(steps) >= len(steps_then)
+        assert refused_in < 30  # refused before any training (the time is Python's start-up)
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+    lock = json.loads((run_dir / ".gptlab.lock").read_text())
+    assert lock["pid"] == a.pid  # left behind by the killed process: stale
+    resumed_from = json.loads((run_dir / "last" / "trainer" / "state.json").read_text())["step"]
+    c = subprocess.run(cmd + ["--resume", "--max-steps", str(resumed_from + 5)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert c.returncode == 0, c.stderr[-2000:]
+    assert "resumed from" in c.stdout and f"at step {resumed_from}" in c.stdout
+    assert (run_dir / "final").is_dir() and not (run_dir / ".gptlab.lock").exists()
