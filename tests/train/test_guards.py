@@ -287,3 +287,17 @@ def test_two_processes_on_one_out_dir_the_second_refused_at_once_the_first_unaff
     assert c.returncode == 0, c.stderr[-2000:]
     assert "resumed from" in c.stdout and f"at step {resumed_from}" in c.stdout
     assert (run_dir / "final").is_dir() and not (run_dir / ".gptlab.lock").exists()
+
+
+def test_an_existing_run_dir_keeps_its_permissions(capsys, tmp_path, pydocs):  # noqa: F811
+    import os
+    import stat
+
+    (tmp_path / "run").mkdir()
+    os.chmod(tmp_path / "run", 0o750)
+    recipe = _recipe(tmp_path, pydocs, max_steps=2, eval_every=0)
+    assert run(capsys, "train", recipe)[0] == 0
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o750
+    os.chmod(tmp_path / "run" / "final", 0o755)
+    assert run(capsys, "train", recipe, "--overwrite")[0] == 0
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o750
