@@ -1,0 +1,80 @@
+"""`gptlab scale fit` (a scaling law from runs) and `gptlab scale predict` (a bigger run, before training it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gptlab.cli import command
+from gptlab.errors import GptlabError
+from gptlab.formats.files import check_destination, read_json
+
+
+@command("scale fit")
+def scale_fit(runs: str, out: str = "scale-fit", bootstrap: int = 200, starts: int = 64, seed: int = 0,
+              overwrite: bool = False, quiet: bool = False) -> int:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to training runs (Chinchilla's approach 3), with
+    IsoFLOP parabolas (approach 2) and the compute frontier where the runs allow them.
+
+    Writes OUT/fit.json, fit.md and compute.png, isoflops.png, residuals.png. docs/scaling.md has the
+    method. Example:
+
+      gptlab scale fit runs.csv --out fit --bootstrap 500
+
+    Args:
+        runs: a CSV or JSONL of runs: params, tokens (or flops = 6 params tokens), loss
+        out: output dir (-o)
+        bootstrap: resampled refits for the 95% intervals
+        starts: L-BFGS runs from the best points of the starting grid
+        seed: seed of the bootstrap resampling
+        overwrite: write into OUT even when it holds files gptlab did not write
+        quiet: no progress bar
+    """
+    from gptlab.limits import Limit, check
+    from gptlab.scale.fit import fit_law
+    from gptlab.scale.report import write_fit
+    from gptlab.scale.runs import read_runs
+
+    check("bootstrap", bootstrap, Limit(int, 0))
+    check("starts", starts, Limit(int, 1, 4500))
+    check_destination(out, ("fit.json",), "the fit dir", overwrite)
+    data = read_runs(runs)
+    fit = fit_law(data, bootstrap=bootstrap, starts=starts, seed=seed, progress=not quiet)
+    paths = write_fit(fit, data, Path(out))
+    d = fit.to_dict()
+    print(f"L(N, D) = {d['E']:.4f} + {d['A']:.4g} / N^{d['alpha']:.4f} + {d['B']:.4g} / D^{d['beta']:.4f}  "
+          f"({len(data)} runs, residual std {d['residual_std']:.4f})")
+    print(f"compute-optimal: N_opt ~ C^{d['a']:.3f}, D_opt ~ C^{d['b']:.3f}"
+          + (f"; IsoFLOP profiles: N_opt ~ C^{d['approach2']['a']:.3f}" if d["approach2"] else ""))
+    if fit.edge:
+        print(f"warning: {', '.join(fit.edge)} lie outside the starting grid's span (see fit.md)")
+    print(f"wrote {paths['json']}, {paths['md'].name} and 3 plots")
+    return 0
+
+
+@command("scale predict")
+def scale_predict(fit: str, flops: float | None = None, params: float | None = None,
+                  tokens: float | None = None) -> int:
+    """Predict a run from a fit: the compute-optimal size, tokens and loss at a budget, or the loss of
+    a given size and token count; each with its 95% interval.
+
+      gptlab scale predict fit/fit.json --flops 1e21
+      gptlab scale predict fit/fit.json --params 1.2e8 --tokens 2.4e9
+
+    Args:
+        fit: fit.json from `gptlab scale fit`
+        flops: a compute budget C (FLOPs)
+        params: parameters N (with --tokens)
+        tokens: training tokens D (with --params)
+    """
+    from gptlab.scale.fit import PARAMS, predict
+
+    d = read_json(Path(fit))
+    missing = [k for k in PARAMS if not isinstance(d.get(k), (int, float))]
+    if missing:
+        raise GptlabError(f"{fit} is not a fit.json from `gptlab scale fit` (no {', '.join(missing)})")
+    if flops is not None and (params is not None or tokens is not None):
+        raise GptlabError("give either --flops, or --params and --tokens, not both")
+    p = predict(d, flops=flops, params=params, tokens=tokens)
+    print(json.dumps(p, indent=2))
+    return 0

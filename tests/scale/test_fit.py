@@ -1,0 +1,145 @@
+"""Scaling-law fits: the published Chinchilla replication recovered on its data, a known law recovered within
+its intervals, predictions consistent with the law, and bad runs files refused naming the row.
+
+chinchilla_epoch.csv is Epoch AI's extraction of the Chinchilla runs from Hoffmann et al.'s Figure 4
+(github.com/epoch-research/analyzing-chinchilla, data/svg_extracted_data.csv: Model Size, Training FLOP,
+loss), columns renamed to ours (params, flops, loss).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptlab.cli import main
+from gptlab.errors import GptlabError
+from gptlab.scale.fit import allocation, fit_law, law_loss, optimal, predict
+from gptlab.scale.runs import Runs, read_runs
+
+CHINCHILLA = Path(__file__).parent / "chinchilla_epoch.csv"
+
+
+def test_epoch_replication_is_recovered_on_its_data():
+    """Besiroglu et al. 2024 (arXiv 2404.10102): E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658 on
+    the 240 runs left after dropping the 5 with the highest loss, as their notebook does. Their constants are
+    the Huber-likelihood fit; the summed Huber loss of approach 3 lands within the tolerances below."""
+    runs = read_runs(CHINCHILLA)
+    assert len(runs) == 245
+    kept = runs.subset(runs.loss < np.sort(runs.loss)[-5])
+    fit = fit_law(kept, bootstrap=0)
+    law = fit.law
+    assert law["E"] == pytest.approx(1.8172, abs=1e-3)
+    assert law["alpha"] == pytest.approx(0.3478, abs=3e-3)
+    assert law["beta"] == pytest.approx(0.3658, abs=3e-3)
+    assert law["A"] == pytest.approx(482.01, rel=0.05)
+    assert law["B"] == pytest.approx(2085.43, rel=0.05)
+    assert allocation(law)["a"] == pytest.approx(0.513, abs=2e-3)  # their allocation exponent
+    assert not fit.edge
+
+
+def _synthetic(seed: int, noise: float = 0.005) -> tuple[Runs, dict]:
+    truth = {"E": 1.9, "A": 350.0, "B": 900.0, "alpha": 0.33, "beta": 0.31}
+    rng = np.random.default_rng(seed)
+    N = np.repeat(np.logspace(6, 9, 7), 6)
+    D = N * np.tile(np.logspace(0, 2.5, 6), 7)  # 1 to 300 tokens per parameter
+    L = law_loss(truth, N, D) * np.exp(rng.normal(0, noise, N.shape))
+    return Runs(N, D, 6 * N * D, L, [{} for _ in N], "synthetic"), truth
+
+
+def test_a_known_law_is_recovered_within_its_intervals():
+    """95% intervals should hold the truth about 95% of the time: over 4 noise draws, each constant (and the
+    allocation exponent) is inside its interval at least 3 times, and 20 of the 24 times overall."""
+    hits, total = {k: 0 for k in ("E", "A", "B", "alpha", "beta", "a")}, 0
+    for seed in range(4):
+        runs, truth = _synthetic(seed=seed)
+        fit = fit_law(runs, bootstrap=40, seed=seed)
+        truth = {**truth, "a": allocation(truth)["a"]}
+        for k in hits:
+            lo, hi = fit.intervals[k]
+            hits[k] += lo <= truth[k] <= hi
+        assert np.std(fit.residuals) == pytest.approx(0.005, rel=0.35)  # the noise put in
+        total += 1
+    assert all(h >= 3 for h in hits.values()) and sum(hits.values()) >= 20, hits
+
+
+def test_predictions_follow_the_law():
+    runs, truth = _synthetic(seed=2)
+    d = fit_law(runs, bootstrap=20).to_dict()
+    p = predict(d, flops=1e20)
+    assert 6 * p["params"] * p["tokens"] == pytest.approx(1e20, rel=1e-9)
+    assert p["loss"] == pytest.approx(law_loss(d, p["params"], p["tokens"]))
+    assert p["interval"][0] <= p["loss"] <= p["interval"][1]
+    assert p["prediction_interval"][0] < p["interval"][0] and p["prediction_interval"][1] > p["interval"][1]
+    # compute-optimal: nearby sizes at the same budget are worse
+    for f in (0.7, 1.4):
+        N = p["params"] * f
+        assert law_loss(d, N, 1e20 / (6 * N)) > p["loss"]
+    q = predict(d, params=1e8, tokens=2e9)
+    assert q["loss"] == pytest.approx(float(law_loss(truth, 1e8, 2e9)), rel=0.01)
+    N, D, L = optimal(d, np.array([1e18, 1e19]))
+    assert (np.diff(np.log(N)) / np.log(10))[0] == pytest.approx(allocation(d)["a"])
+
+
+def test_approach_2_on_isoflop_groups():
+    truth = {"E": 1.9, "A": 350.0, "B": 900.0, "alpha": 0.33, "beta": 0.31}
+    rows = []
+    for C in (1e17, 1e18, 1e19, 1e20):
+        n_opt = optimal(truth, C)[0]
+        for f in np.logspace(-0.8, 0.8, 7):
+            N = n_opt * f
+            rows.append((N, C / (6 * N), C))
+    N, D, C = (np.array(x) for x in zip(*rows))
+    runs = Runs(N, D, C, law_loss(truth, N, D), [{} for _ in N], "isoflop")
+    fit = fit_law(runs, bootstrap=0)
+    assert fit.approach2 is not None and len(fit.approach2["budgets"]) == 4
+    assert fit.approach2["a"] == pytest.approx(allocation(truth)["a"], abs=0.02)
+    assert all(b["bracketed"] for b in fit.approach2["budgets"])
+    assert fit.frontier is not None and fit.frontier["gamma"] > 0
+
+
+def test_fit_and_predict_commands(tmp_path, capsys):
+    runs, _ = _synthetic(seed=3)
+    csv = tmp_path / "runs.csv"
+    csv.write_text("params,tokens,loss\n" + "".join(f"{n},{d},{l}\n" for n, d, l in zip(runs.params, runs.tokens,
+                                                                                          runs.loss)))
+    assert main(["scale", "fit", str(csv), "--out", str(tmp_path / "fit"), "--bootstrap", "10", "--quiet"]) == 0
+    d = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert {"E", "A", "B", "alpha", "beta", "a", "b", "intervals", "compute_optimal"} <= set(d)
+    assert set(d["intervals"]) >= {"E", "A", "B", "alpha", "beta", "a", "b"}
+    for png in ("compute.png", "isoflops.png", "residuals.png"):
+        assert (tmp_path / "fit" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| alpha |" in (tmp_path / "fit" / "fit.md").read_text()
+    capsys.readouterr()
+    assert main(["scale", "predict", str(tmp_path / "fit" / "fit.json"), "--flops", "1e19"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["flops"] == 1e19 and p["interval"][0] <= p["loss"] <= p["interval"][1]
+
+
+@pytest.mark.parametrize("content, says", [
+    ("params,loss\n1e6,3.0\n", "needs a 'tokens' or a 'flops' column"),
+    ("tokens,loss\n1e6,3.0\n", "no 'params' column"),
+    ("params,tokens,loss\n1e6,1e8,3.0\n2e6,-5,3.0\n", "runs.csv:3: 'tokens' must be a positive number, got '-5'"),
+    ("params,tokens,loss\n1e6,1e8,abc\n", "runs.csv:2: 'loss' must be a positive number, got 'abc'"),
+    ("params,tokens,loss\n1e6,1e8,nan\n", "runs.csv:2: 'loss' must be a positive number, got 'nan'"),
+    ("params,tokens,loss\n1e6,1e8,\n", "runs.csv:2: no 'loss' value"),
+    ("params,tokens,loss\n" + "1e6,1e8,3.0\n" * 5, "5 run(s) for a 5-parameter law; give at least 6"),
+])
+def test_bad_runs_are_one_error_naming_the_row(tmp_path, capsys, content, says):
+    (tmp_path / "runs.csv").write_text(content)
+    assert main(["scale", "fit", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "fit"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and says in err, err
+    assert not (tmp_path / "fit").exists()
+
+
+def test_jsonl_runs_with_flops(tmp_path):
+    p = tmp_path / "runs.jsonl"
+    p.write_text(json.dumps({"params": 1e6, "flops": 6e14, "loss": 3.0, "name": "a"}) + "\n")
+    runs = read_runs(p)
+    assert runs.tokens[0] == pytest.approx(1e8) and runs.extra[0] == {"name": "a"}
+    p.write_text(json.dumps({"params": "x", "flops": 6e14, "loss": 3.0}) + "\n")
+    with pytest.raises(GptlabError, match=r"runs.jsonl:1: 'params' must be a positive number"):
+        read_runs(p)
