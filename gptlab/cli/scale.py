@@ -78,3 +78,62 @@ def scale_predict(fit: str, flops: float | None = None, params: float | None = N
     p = predict(d, flops=flops, params=params, tokens=tokens)
     print(json.dumps(p, indent=2))
     return 0
+
+
+@command("scale sweep")
+def scale_sweep(recipe: str | None = None, budgets: str = "4e10,1.2e11,4e11,1.2e12", sizes: str | None = None,
+                seeds: str = "0", per_budget: int = 5, out: str = "scale-sweep") -> int:
+    """Train a compute sweep: for each budget, `gptlab train` runs of the sizes that bracket its optimum,
+    each stopped by the budget (--max-flops). Resumable: finished runs (OUT/runs.jsonl) are skipped.
+
+      gptlab scale sweep --budgets 1e11,1e12,1e13 --out sweep
+      gptlab scale sweep my-recipe.yaml --budgets 1e15,1e16 --sizes 4x256,6x384,8x512 --out sweep
+
+    Args:
+        recipe: a TrainConfig recipe (YAML) as the base of every run (default: python-docs, 512-token
+            BPE, context 64, batch 16)
+        budgets: comma-separated compute budgets (FLOPs)
+        sizes: LAYERSxWIDTH shapes to choose from (default: a ladder of ~11K to 5M parameters)
+        seeds: comma-separated seeds; every run once per seed
+        per_budget: sizes per budget (those nearest 100 tokens per parameter)
+        out: output dir (-o): runs.jsonl and runs/
+    """
+    from gptlab.limits import Limit, check
+    from gptlab.recipe import load_recipe
+    from gptlab.scale import sweep as sw
+    from gptlab.train.pretrain import TrainConfig
+
+    check("per_budget", per_budget, Limit(int, 1))
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise GptlabError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    base = load_recipe(TrainConfig, recipe) if recipe else sw.default_base()
+    records = sw.sweep(base, sw.parse_budgets(budgets), sw.parse_sizes(sizes), Path(out), seed_list, per_budget)
+    print(f"{len(records)} runs in {Path(out) / 'runs.jsonl'}; fit them with `gptlab scale fit {Path(out) / 'runs.jsonl'}`")
+    return 0
+
+
+@command("scale run")
+def scale_run(out: str = "scale-study", budgets: str | None = None, target: float | None = None,
+              noise_seeds: int = 3) -> int:
+    """The whole study: sweep tiny GPTs on python-docs, fit the law, write the prediction for a budget
+    >= 10x the largest fitted one, then train that run and report predicted against observed loss.
+    15-20 minutes on 2 CPU cores with the defaults; resumable. docs/scaling.md explains the output.
+
+      gptlab scale run --out study
+      gptlab scale run --budgets 1e15,3e15,1e16,3e16 --target 3e17 --out study   # on a GPU
+
+    Args:
+        out: output dir (-o): sweep/, fit/, prediction.json, target/, result.json, report.md
+        budgets: the fit budgets (default 3e10,1e11,3e11,1e12)
+        target: the predicted run's budget (default 1e13, 10x the largest)
+        noise_seeds: seeds of one repeated run, to measure seed noise
+    """
+    from gptlab.scale import sweep as sw
+    from gptlab.scale.study import run_study
+
+    result = run_study(Path(out), sw.parse_budgets(budgets) if budgets else None, target, noise_seeds)
+    print((Path(out) / "report.md").read_text())
+    del result
+    return 0

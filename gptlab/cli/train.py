@@ -9,7 +9,7 @@ from gptlab.train.pretrain import TrainConfig, run_pretraining
 
 @command("train")
 def train_command(config: TrainConfig) -> int:
-    """Pretrain a model: with no arguments, a small GPT-2 on the python-docs corpus in about 5 minutes on CPU.
+    """Pretrain a model; no arguments: a small GPT-2 on python-docs, ~5 min on CPU.
 
     Saves out_dir/final, best, last (--resume). All options: docs/training.md.
 

@@ -72,6 +72,7 @@ class TrainConfig(LoopConfig):
     seq_len: int = 0  # tokens per sequence (0 = context length)
     sample_prompt: str = "The with statement"  # sample prompt ('' = none)
     sample_tokens: int = 120  # tokens in the closing sample
+    max_flops: float = 0.0  # FLOPs budget; sets max_steps (0 = off)
     out_dir: str = "out/python-docs"
     max_steps: int = 750
     batch_size: int = 16
@@ -128,11 +129,21 @@ def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
         print(f"data {data_dir}: {manifest['splits']['train']['tokens']:,} train / "
               f"{manifest['splits']['val']['tokens']:,} val tokens; model {n / 1e6:.2f}M parameters "
               f"({model.config.n_layer} layers, {model.config.n_embd} wide, context {seq_len})", flush=True)
+    fpt = stats.flops_per_token(model.config, seq_len, training=True)
+    budget = None
+    if cfg.max_flops:
+        cfg, budget = _budgeted(cfg, fpt, seq_len * cfg.batch_size * cfg.grad_accum * dist.world, dist.main)
     trainer = Trainer(model, train, val, cfg, tokenizer=tok, device=device, dist=dist,
                       bytes_per_token=manifest["splits"]["val"]["bytes"] / manifest["splits"]["val"]["tokens"],
-                      flops_per_token=stats.flops_per_token(model.config, seq_len, training=True),
-                      find_unused_parameters=model.config.mlp == "moe")
+                      flops_per_token=fpt, find_unused_parameters=model.config.mlp == "moe")
     result = trainer.fit()
+    counts = stats.count_params(model.config)
+    result.update(params=counts["non_embedding"] + counts["head"], params_total=counts["total"],
+                  tokens=trainer.step * seq_len * cfg.batch_size * cfg.grad_accum * dist.world,
+                  flops_per_token=fpt)
+    result["flops"] = result["tokens"] * fpt
+    if budget is not None:
+        result["budget"] = budget
     if result.get("stopped"):
         trainer.release()
         return result
@@ -146,6 +157,24 @@ def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.sample_prompt and cfg.sample_tokens > 0:
             print_sample(unwrap(model), tok, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
     return result
+
+
+def _budgeted(cfg: TrainConfig, flops_per_token: float, tokens_per_step: int, main: bool):
+    """A run stopped by a compute budget: as many whole steps as max_flops buys, the schedule that long.
+    FLOPs are stats.flops_per_token(training=True): 6 x (non-embedding parameters + head) plus attention."""
+    from gptlab.limits import Limit, check
+
+    check("max_flops", cfg.max_flops, Limit(float, 0, low_open=True))
+    steps = int(cfg.max_flops // (flops_per_token * tokens_per_step))
+    if steps < 1:
+        raise GptlabError(f"max-flops {cfg.max_flops:.3g} buys no step of this model ({flops_per_token * tokens_per_step:.3g} "
+                          f"FLOPs per step of {tokens_per_step:,} tokens); raise it or shrink the model")
+    warmup = min(cfg.warmup_steps, steps // 5)
+    if main and not cfg.quiet:
+        print(f"budget {cfg.max_flops:.3g} FLOPs = {steps:,} steps of {tokens_per_step:,} tokens at "
+              f"{flops_per_token:.3g} FLOPs per token" + (f"; warm-up {warmup} steps" if warmup != cfg.warmup_steps
+                                                             else ""), flush=True)
+    return dataclasses.replace(cfg, max_steps=steps, warmup_steps=warmup), cfg.max_flops
 
 
 def print_sample(model: nn.Module, tok, prompt: str, n_tokens: int, seed: int) -> None:
