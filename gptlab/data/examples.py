@@ -298,6 +298,28 @@ class ClassRows:
         return ", ".join(notes)
 
 
+def label_ids(path, raw: list[tuple[int, int | str]], names: list[str] | None,
+              task: str = "classification") -> tuple[list[int], list[str]]:
+    """Class ids of (line, label) pairs, and the class names: `names` (the training split's), or derived from
+    these labels (0..max for integers, sorted for strings). A label outside the names names its line."""
+    if names is None:
+        if all(isinstance(lab, int) for _, lab in raw):
+            names = [str(i) for i in range(max(lab for _, lab in raw) + 1)]
+        elif all(isinstance(lab, str) for _, lab in raw):
+            names = sorted({lab for _, lab in raw})
+        else:
+            raise GptlabError(f"{path}: labels mix integers and strings; use one kind")
+        if len(names) < 2:
+            raise GptlabError(f"{path}: {task} needs at least two classes, found {names}")
+    index = {name: i for i, name in enumerate(names)}
+    labels = []
+    for n, lab in raw:
+        if str(lab) not in index:
+            raise GptlabError(f"{path}:{n}: label {lab!r} is not one of the training labels {names}")
+        labels.append(index[str(lab)])
+    return labels, list(names)
+
+
 def load_class_rows(path, tokenizer, seq_len: int, names: list[str] | None = None,
                     skip_bad: bool = False) -> ClassRows:
     """Tokenize {"text", "label"} rows, cut to seq_len tokens (the beginning is kept).
@@ -325,22 +347,7 @@ def load_class_rows(path, tokenizer, seq_len: int, names: list[str] | None = Non
         raw.append((n, label))
     if not texts:
         raise GptlabError(f"{path} gave no usable examples" + (f" ({skip})" if skip and skip.count else ""))
-    if names is None:
-        if all(isinstance(lab, int) for _, lab in raw):
-            names = [str(i) for i in range(max(lab for _, lab in raw) + 1)]
-        elif all(isinstance(lab, str) for _, lab in raw):
-            names = sorted({lab for _, lab in raw})
-        else:
-            raise GptlabError(f"{path}: labels mix integers and strings; use one kind")
-        if len(names) < 2:
-            raise GptlabError(f"{path}: classification needs at least two classes, found {names}")
-    index = {name: i for i, name in enumerate(names)}
-    labels = []
-    for n, lab in raw:
-        key = str(lab)
-        if key not in index:
-            raise GptlabError(f"{path}:{n}: label {lab!r} is not one of the training labels {names}")
-        labels.append(index[key])
+    labels, names = label_ids(path, raw, names)
     ids, truncated = [], 0
     for e in tokenizer.encode_batch(texts):
         if len(e) > seq_len:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gptlab.data.examples import IGNORE_INDEX
+from gptlab.data.examples import IGNORE_INDEX, label_ids
 from gptlab.data.jsonl import Skipped, read_jsonl
 from gptlab.errors import GptlabError
 
@@ -126,22 +126,7 @@ def load_task_rows(path: str | os.PathLike, task: str, tokenizer, tokens: TaskTo
             raise GptlabError(f"{path}: rows have {k} choices, the training data {len(names)}")
         labels = [r["label"] if isinstance(r["label"], int) else r["choices"].index(r["label"]) for _, r in rows]
     else:
-        raw = [r["label"] for _, r in rows]
-        if names is None:
-            if all(isinstance(v, int) for v in raw):
-                names = [str(i) for i in range(max(raw) + 1)]
-            elif all(isinstance(v, str) for v in raw):
-                names = sorted(set(raw))
-            else:
-                raise GptlabError(f"{path}: labels mix integers and strings; use one kind")
-            if len(names) < 2:
-                raise GptlabError(f"{path}: {task} needs at least two classes, found {names}")
-        index = {name: i for i, name in enumerate(names)}
-        labels = []
-        for (n, _), v in zip(rows, raw):
-            if str(v) not in index:
-                raise GptlabError(f"{path}:{n}: label {v!r} is not one of the training labels {names}")
-            labels.append(index[str(v)])
+        labels, names = label_ids(path, [(n, r["label"]) for n, r in rows], names, task)
 
     a, b = FIELDS[task]
     firsts = tokenizer.encode_batch([r[a] for _, r in rows])
