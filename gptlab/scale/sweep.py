@@ -114,7 +114,7 @@ def _sweep(base, budgets, sizes, out, seeds, per_budget, log, ensure_prepared, r
     plan = []
     for budget in budgets:
         chosen = bracket(budget, sizes, params, per_budget)
-        if len(chosen) < 3:
+        if len(chosen) < min(3, per_budget, len(sizes)):
             log(f"budget {budget:.3g}: only {len(chosen)} size(s) train on {RATIO[0]:g} to {RATIO[1]:g} tokens per "
                 "parameter; add --sizes that bracket it")
         plan += [(budget, s, seed) for s in chosen for seed in seeds]
