@@ -93,7 +93,7 @@ def scale_sweep(recipe: str | None = None, budgets: str = "4e10,1.2e11,4e11,1.2e
         recipe: a TrainConfig recipe (YAML) as the base of every run (default: python-docs, 512-token
             BPE, context 64, batch 16)
         budgets: comma-separated compute budgets (FLOPs)
-        sizes: LAYERSxWIDTH shapes to choose from (default: a ladder of ~11K to 5M parameters)
+        sizes: LAYERSxWIDTH shapes to choose from (default: 4 layers, ~13K to 3.3M parameters)
         seeds: comma-separated seeds; every run once per seed
         per_budget: sizes per budget (those nearest 100 tokens per parameter)
         out: output dir (-o): runs.jsonl and runs/
@@ -119,14 +119,14 @@ def scale_run(out: str = "scale-study", budgets: str | None = None, target: floa
               noise_seeds: int = 3) -> int:
     """The whole study: sweep tiny GPTs on python-docs, fit the law, write the prediction for a budget
     >= 10x the largest fitted one, then train that run and report predicted against observed loss.
-    15-20 minutes on 2 CPU cores with the defaults; resumable. docs/scaling.md explains the output.
+    About 15 minutes on 2 CPU cores with the defaults; resumable. docs/scaling.md explains the output.
 
       gptlab scale run --out study
       gptlab scale run --budgets 1e15,3e15,1e16,3e16 --target 3e17 --out study   # on a GPU
 
     Args:
         out: output dir (-o): sweep/, fit/, prediction.json, target/, result.json, report.md
-        budgets: the fit budgets (default 3e10,1e11,3e11,1e12)
+        budgets: the fit budgets (default 1e11,3e11,1e12)
         target: the predicted run's budget (default 1e13, 10x the largest)
         noise_seeds: seeds of one repeated run, to measure seed noise
     """

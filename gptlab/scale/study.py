@@ -25,7 +25,7 @@ from gptlab.scale.fit import fit_law, predict
 from gptlab.scale.report import plot_compute, write_fit
 from gptlab.scale.runs import read_runs
 
-FIT_BUDGETS = [3e10, 1e11, 3e11, 1e12]  # with the target below, 15-20 minutes on 2 CPU cores
+FIT_BUDGETS = [1e11, 3e11, 1e12]  # with the target below, about 15 minutes on 2 CPU cores
 TARGET = 1e13
 
 
@@ -64,7 +64,16 @@ def run_study(out: Path, budgets: list[float] | None = None, target: float | Non
     optimal = predict(d, flops=target)
     size = sw.nearest_size(optimal["params"], base, vocab)
     n = sw.model_params(base, size, vocab)
-    at_size = predict(d, params=n, tokens=target / (6 * n))
+    # the tokens the run will train on: the whole steps the budget buys at its FLOPs per token (attention
+    # included, as the sweep counted them), not C / 6N
+    from gptlab.models import stats
+
+    seq = base.seq_len or base.model.context_length
+    shape = base.model.replace(n_layer=size[0], n_embd=size[1], n_head=size[2], vocab_size=vocab,
+                               intermediate_size=None, head_dim=None, n_kv_head=None)
+    per_step = stats.flops_per_token(shape, seq, training=True) * seq * base.batch_size * base.grad_accum
+    tokens = int(target // per_step) * seq * base.batch_size * base.grad_accum
+    at_size = predict(d, params=n, tokens=tokens)
     prediction = {"target_flops": target, "compute_optimal": optimal, "trained_size": sw.size_name(size),
                   "heads": size[2], "predicted": at_size, "fit_budgets": budgets,
                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "before_target_run": True}
