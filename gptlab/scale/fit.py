@@ -228,9 +228,13 @@ def frontier(runs: Runs) -> dict[str, Any] | None:
     def form(c, E, logK, gamma):
         return E + np.exp(logK) * (c / scale) ** -gamma
 
+    import warnings
+
     try:
-        (E, logK, gamma), _ = curve_fit(form, C, L, p0=(0.5 * L.min(), math.log(max(L.max() - 0.5 * L.min(), 1e-3)), 0.1),
-                                        bounds=([0, -50, 0], [L.min(), 50, 5]), maxfev=20000)
+        with warnings.catch_warnings():  # with 3 points the covariance is undefined; only the fit is used
+            warnings.simplefilter("ignore")
+            (E, logK, gamma), _ = curve_fit(form, C, L, p0=(0.5 * L.min(), math.log(max(L.max() - 0.5 * L.min(), 1e-3)), 0.1),
+                                            bounds=([0, -50, 0], [L.min(), 50, 5]), maxfev=20000)
     except (RuntimeError, ValueError):
         return None
     return {"E": float(E), "K": float(math.exp(logK) * scale ** gamma), "gamma": float(gamma),
