@@ -133,7 +133,6 @@ def scale_run(out: str = "scale-study", budgets: str | None = None, target: floa
     from gptlab.scale import sweep as sw
     from gptlab.scale.study import run_study
 
-    result = run_study(Path(out), sw.parse_budgets(budgets) if budgets else None, target, noise_seeds)
+    run_study(Path(out), sw.parse_budgets(budgets) if budgets else None, target, noise_seeds)
     print((Path(out) / "report.md").read_text())
-    del result
     return 0

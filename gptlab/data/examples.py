@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptlab.data.jsonl import Skipped, read_jsonl
+from gptlab.data.jsonl import Skipped, read_jsonl, reject
 from gptlab.errors import GptlabError
 
 IGNORE_INDEX = -100  # label of a position that adds nothing to the loss (torch's cross_entropy ignore_index)
@@ -339,9 +339,7 @@ def load_class_rows(path, tokenizer, seq_len: int, names: list[str] | None = Non
         elif isinstance(label, int) and label < 0:
             problem = f"label {label} is negative"
         if problem:
-            if skip is None:
-                raise GptlabError(f"{path}:{n}: {problem}")
-            skip.add(f"{path}:{n}: {problem}")
+            reject(skip, f"{path}:{n}: {problem}")
             continue
         texts.append(text)
         raw.append((n, label))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from gptlab.data.examples import IGNORE_INDEX, label_ids
-from gptlab.data.jsonl import Skipped, read_jsonl
+from gptlab.data.jsonl import Skipped, read_jsonl, reject
 from gptlab.errors import GptlabError
 
 GPT1_TASKS = ("entailment", "similarity", "choice")
@@ -111,9 +111,7 @@ def load_task_rows(path: str | os.PathLike, task: str, tokenizer, tokens: TaskTo
         if problem is None and task == "choice" and rows and len(row["choices"]) != len(rows[0][1]["choices"]):
             problem = f"{len(row['choices'])} choices where the first row has {len(rows[0][1]['choices'])}"
         if problem:
-            if skip is None:
-                raise GptlabError(f"{path}:{n}: {problem}")
-            skip.add(f"{path}:{n}: {problem}")
+            reject(skip, f"{path}:{n}: {problem}")
             continue
         rows.append((n, row))
     if not rows:

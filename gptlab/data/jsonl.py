@@ -32,6 +32,13 @@ class Skipped:
         return f"skipped {self.count} malformed row(s): " + "; ".join(self.reasons) + ("; ..." if self.count > 5 else "")
 
 
+def reject(skip: Skipped | None, reason: str) -> None:
+    """A malformed row: one error saying `reason`, or counted in `skip` when the caller skips such rows."""
+    if skip is None:
+        raise GptlabError(reason)
+    skip.add(reason)
+
+
 def read_jsonl(path: str | os.PathLike, skip: Skipped | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line. A line that is not a JSON object raises a GptlabError
     naming `path:line`, or is counted in `skip` when one is given; text that is not UTF-8 always raises."""
@@ -54,7 +61,5 @@ def read_jsonl(path: str | os.PathLike, skip: Skipped | None = None) -> Iterator
                 problem = f"not valid JSON ({e.msg} at column {e.colno})"
             if problem is None:
                 yield n, row
-            elif skip is None:
-                raise GptlabError(f"{p}:{n}: {problem}")
             else:
-                skip.add(f"{p}:{n}: {problem}")
+                reject(skip, f"{p}:{n}: {problem}")

@@ -37,7 +37,8 @@ def _config(spec: str) -> tuple[Config, str, bool]:
         path = hf.resolve(spec, hf.HUB_CONFIG_PATTERNS)
     except GptlabError as e:
         raise GptlabError(f"{spec} is neither a preset (`gptlab models`) nor a model: {e}") from None
-    return hf.read_config(path), hf.read_config(path).model_type, True
+    config = hf.read_config(path)
+    return config, config.model_type, True
 
 
 def architecture(config: Config, family: str) -> dict[str, Any]:

@@ -48,15 +48,14 @@ class PagedCache:
     def prepare(self, segments: list[Segment]) -> torch.Tensor:
         """Set the step's token -> slot map and attention groups; return the tokens' positions (1, N)."""
         bs, dev = self.block_size, self.device
-        pos, slots, lengths = [], [], []
+        pos, slots = [], []
         for s in segments:
             p = list(range(s.context, s.context + s.length))
             pos += p
-            lengths += [s.context + s.length] * s.length
             slots += [s.block_table[i // bs] * bs + i % bs for i in p]
         self.n = len(pos)
         self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
-        self._lengths = torch.tensor(lengths, dtype=torch.long, device=dev)[None, :]  # (1, N)
+        self._segments = segments
         decode = [s for s in segments if s.length == 1]
         self.prefill = [s for s in segments if s.length > 1]
         self.decode_rows = None
@@ -75,7 +74,9 @@ class PagedCache:
         raise RuntimeError("the engine passes positions from prepare()")
 
     def lengths(self, positions: torch.Tensor) -> torch.Tensor:
-        return self._lengths  # (1, N): each token's sequence length after this step
+        lengths = [s.context + s.length for s in self._segments for _ in range(s.length)]
+        return torch.tensor(lengths, dtype=torch.long, device=self.device)[None, :]  # (1, N): each token's
+        # sequence length after this step (only dynamic NTK asks, so engine steps of other models skip it)
 
     def begin(self, T: int) -> None:
         assert T == self.n, "a paged forward runs exactly the prepared tokens"

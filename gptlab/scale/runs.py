@@ -88,7 +88,10 @@ def read_runs(path: str | os.PathLike, min_runs: int = 1) -> Runs:
         c = _number(row["flops"], where, "flops") if has_c else None
         d = d if d is not None else c / (6 * n)
         c = c if c is not None else 6 * n * d
-        N.append(n), D.append(d), C.append(c), L.append(_number(row["loss"], where, "loss"))
+        N.append(n)
+        D.append(d)
+        C.append(c)
+        L.append(_number(row["loss"], where, "loss"))
         extra.append({k: v for k, v in row.items() if k not in ("params", "tokens", "flops", "loss")})
     if len(L) < min_runs:
         raise GptlabError(f"{p} has {len(L)} run(s); the fit needs at least {min_runs}")

@@ -95,18 +95,18 @@ def _done(path: Path) -> dict[str, dict]:
 def sweep(base, budgets: list[float], sizes: list[tuple[int, int, int]], out: Path, seeds: tuple[int, ...] = (0,),
           per_budget: int = 5, log=print) -> list[dict[str, Any]]:
     """Train every (budget, size, seed) not already in out/runs.jsonl; returns all the records."""
-    from gptlab.data.shards import ensure_prepared, read_manifest
     from gptlab.formats.files import RunLock
 
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, option="--out")
     try:
-        return _sweep(base, budgets, sizes, out, seeds, per_budget, log, ensure_prepared, read_manifest)
+        return _sweep(base, budgets, sizes, out, seeds, per_budget, log)
     finally:
         lock.release()
 
 
-def _sweep(base, budgets, sizes, out, seeds, per_budget, log, ensure_prepared, read_manifest):
+def _sweep(base, budgets, sizes, out, seeds, per_budget, log):
+    from gptlab.data.shards import ensure_prepared, read_manifest
     from gptlab.train.pretrain import run_pretraining
 
     data_dir = ensure_prepared(base.data, tokenizer=base.tokenizer, vocab_size=base.vocab_size, cache=base.data_cache,

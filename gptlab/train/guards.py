@@ -4,7 +4,6 @@ work (check_loop_config)."""
 
 from __future__ import annotations
 
-from gptlab.formats.files import RunLock  # noqa: F401  (re-exported: the training loop's lock)
 from gptlab.limits import check_fields
 
 RUN_ENTRIES = ("last", "best", "final", "merged", "metrics.jsonl", "tb")  # what a run writes in out_dir

@@ -57,9 +57,9 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.formats.files import read_json, replace_dir
+from gptlab.formats.files import RunLock, read_json, replace_dir
 from gptlab.models import stats
-from gptlab.train.guards import RUN_ENTRIES, RunLock, check_loop_config
+from gptlab.train.guards import RUN_ENTRIES, check_loop_config
 from gptlab.train.losses import next_token_loss
 from gptlab.train.runtime import Dist, autocast_dtype, init_distributed, measure_peak_flops, pick_device, sync, unwrap
 from gptlab.train.savers import HFSaver
