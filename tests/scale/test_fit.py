@@ -143,3 +143,28 @@ def test_jsonl_runs_with_flops(tmp_path):
     p.write_text(json.dumps({"params": "x", "flops": 6e14, "loss": 3.0}) + "\n")
     with pytest.raises(GptlabError, match=r"runs.jsonl:1: 'params' must be a positive number"):
         read_runs(p)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--flops", "1e19", "--params", "1e6"], "either --flops, or --params and --tokens"),
+    (["--params", "1e6"], "give --flops C, or both --params N and --tokens D"),
+    (["--flops", "-5"], "--flops must be a positive number"),
+])
+def test_predict_refuses_unclear_requests(tmp_path, capsys, args, says):
+    fit = {"E": 1.9, "A": 350.0, "B": 900.0, "alpha": 0.33, "beta": 0.31}
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    assert main(["scale", "predict", str(tmp_path / "fit.json"), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and says in err, err
+    (tmp_path / "other.json").write_text(json.dumps({"E": 1.0}))
+    assert main(["scale", "predict", str(tmp_path / "other.json"), "--flops", "1e19"]) == 1
+    assert "is not a fit.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [(["--budgets", "1e9,abc"], "--budgets takes comma-separated"),
+                                        (["--sizes", "4by64"], "--sizes takes LAYERSxWIDTH"),
+                                        (["--seeds", "a"], "--seeds takes comma-separated integers")])
+def test_sweep_refuses_bad_options_before_training(tmp_path, capsys, args, says):
+    assert main(["scale", "sweep", *args, "--out", str(tmp_path / "sw")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and says in err, err
