@@ -7,6 +7,7 @@ Row shapes read from JSONL (one JSON object per line):
   {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}   ShareGPT, read as chat
   {"instruction": ..., "input": ..., "output": ...}       Alpaca, read as one user and one assistant turn
   {"prompt": ..., "completion"|"response": ...}           read as one user and one assistant turn
+  {"question": ..., "answer": ...}                        QA rows (synth qa, eval --task qa), the same way
   {"text": ..., "label": ...}                             classification (`load_class_rows`)
 
 A malformed row is an error naming its line, unless the caller asks to skip bad rows; then they are counted
@@ -93,9 +94,16 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         answer = "completion" if "completion" in row else "response"
         out = [{"role": "user", "content": _str(row, "prompt", where)},
                {"role": "assistant", "content": _str(row, answer, where)}]
+    elif "question" in row:  # QA rows (gptlab synth qa, eval --task qa); a list of answers trains on the first
+        answer = row.get("answer", row.get("answers"))
+        if isinstance(answer, list) and answer:
+            answer = answer[0]
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}: field 'answer' must be a string (or a list of strings)")
+        out = [{"role": "user", "content": _str(row, "question", where)}, {"role": "assistant", "content": answer}]
     else:
-        raise ValueError(f"{where}: expected 'messages', 'conversations', 'instruction'/'output' or "
-                         f"'prompt'/'completion' (found keys: {', '.join(sorted(row)) or 'none'})")
+        raise ValueError(f"{where}: expected 'messages', 'conversations', 'instruction'/'output', "
+                         f"'prompt'/'completion' or 'question'/'answer' (found keys: {', '.join(sorted(row)) or 'none'})")
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: no assistant turn to learn from")
     return out

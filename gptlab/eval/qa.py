@@ -2,7 +2,9 @@
 
 Each JSONL row holds `question` and `answer` (a string, or a list of acceptable strings; `answers` works
 too). The prompt is `template.format(**row)` (default "Question: {question}\\nAnswer:"), or with `chat`
-the tokenizer's chat template around the question. Decoding is greedy and stops at `stop` strings.
+the tokenizer's chat template around the question (a tokenizer without one gets the instruction template
+SFT trains with, data/examples.py, so a base model and its fine-tune are asked the same way). Decoding is
+greedy and stops at `stop` strings.
 
 Lenient scores (SQuAD v1.1's evaluate script, Rajpurkar et al. 2016, with CJK characters as tokens as in
 the CMRC / MLQA scripts): text is NFKC-normalised, lower-cased, stripped of punctuation and of the
@@ -116,6 +118,9 @@ def evaluate_qa(model, tokenizer, docs: list[Doc], batch_size: int = 16, templat
         raise GptlabError(f"{source}: no questions to evaluate")
     pool = None if fewshot_docs is None else parse_rows(fewshot_docs, "fewshot data", parse)
     if chat:
+        from gptlab.data.examples import ensure_chat_template
+
+        ensure_chat_template(tokenizer)  # a base model: the instruction template SFT would train it with
         shots = _chat_shots(rows, pool, num_fewshot, seed)
         prompts = [tokenizer.apply_chat_template(turns + [{"role": "user", "content": q}])
                    for turns, (_, q, _, _) in zip(shots, rows)]
