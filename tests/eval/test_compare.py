@@ -53,3 +53,33 @@ def test_bad_model_lists_are_one_error(tmp_path, capsys, argv, says):
     assert main(["compare", *argv, "--out", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and says in err, err
+
+
+def test_qa_before_after_lists_fixed_and_broken_questions(tmp_path, tiny_gpt2_dir):
+    """Two models on QA with the chat prompt: metrics equal `eval --task qa --chat`; the report lists what changed."""
+    from gptlab.eval.compare import qa_changes
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(6)))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_gpt2_dir, other)
+    result = compare([str(tiny_gpt2_dir), str(other)], tasks=f"qa={data}", chat=True, progress=False)
+    direct = evaluate(str(other), "qa", str(data), chat=True, progress=False).metrics
+    assert result["models"][1]["metrics"]["qa"] == direct
+    assert result["qa_changes"]["qa"] == {"fixed": [], "broken": []}  # the same weights answer the same
+    paths = write_report(result, tmp_path / "cmp")
+    assert "## qa: 0 fixed, 0 broken" in paths["md"].read_text()
+    assert (tmp_path / "cmp" / "qa.png").read_bytes()[:4] == b"\x89PNG"
+
+    def sample(q, strict, answer):
+        return {"question": q, "references": ["8 yuan"], "answer": answer, "strict": float(strict)}
+
+    before = [sample("fee?", 0, "5 yuan"), sample("limit?", 1, "8"), sample("same?", 1, "8 yuan")]
+    after = [sample("fee?", 1, "8 yuan"), sample("limit?", 0, "nine"), sample("same?", 1, "8")]
+    changes = qa_changes([before, before, after])  # first model against the last
+    assert [c["question"] for c in changes["fixed"]] == ["fee?"] and changes["fixed"][0]["before"] == "5 yuan"
+    assert [c["question"] for c in changes["broken"]] == ["limit?"] and changes["broken"][0]["after"] == "nine"
+    result["qa_changes"]["qa"] = changes
+    md = write_report(result, tmp_path / "cmp2")["md"].read_text()
+    assert "## qa: 1 fixed, 1 broken" in md and "| fee? | 8 yuan | 5 yuan | 8 yuan |" in md
