@@ -100,6 +100,10 @@ LIMITS: dict[str, Limit] = {
     # evaluation
     "window": _int(1), "stride": _int(1), "num_fewshot": _int(0), "limit": _int(1), "bootstrap_iters": _int(0),
     "rel_tol": _float(0, 1, high_open=True),
+    # QA synthesis (synth qa)
+    "pairs_per_page": _int(1, 200), "numeric_share": _float(0, 1), "chunk_chars": _int(200),
+    "concurrency": _int(1, 256), "max_retries": _int(0, 20), "max_answer_chars": _int(1),
+    "test_fraction": _float(0, 1, high_open=True),
 }
 
 

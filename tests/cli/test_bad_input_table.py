@@ -349,6 +349,20 @@ OURS = [  # 30+ more, across every command
     C("prepare-num-perm-8", "prepare corpus.txt --tokenizer tok -o d2 --dedup minhash --num-perm 8 --quiet",
       "num-perm must be an integer in [16, 1024], got 8"),
     C("serve-lora-without-name", "serve model --lora justadir", "NAME=DIR"),
+    C("synth-missing-doc", "synth qa nothere.md -o qa2 --no-progress", "document nothere.md does not exist"),
+    C("synth-empty-doc", "synth qa empty.txt -o qa2 --no-progress", "empty.txt: empty document"),
+    C("synth-unreadable-pdf", "synth qa scan.pdf -o qa2 --no-progress", "scan.pdf: not a readable PDF",
+      setup=lambda ws: (ws / "scan.pdf").write_bytes(b"%PDF-1.4 junk")),
+    C("synth-pairs-per-page-0", "synth qa corpus.txt --pairs-per-page 0 -o qa2",
+      "pairs-per-page must be an integer in [1, 200], got 0"),
+    C("synth-numeric-share-1.5", "synth qa corpus.txt --numeric-share 1.5 -o qa2",
+      "numeric-share must be a finite number in [0, 1], got 1.5"),
+    C("synth-split-by-chapter", "synth qa corpus.txt --split-by chapter -o qa2", "split-by must be pair or page"),
+    C("synth-teacher-not-a-url", "synth qa corpus.txt --teacher gpt-4o --teacher-model m -o qa2", "http(s) URL"),
+    C("synth-teacher-refuses-connections", "synth qa corpus.txt --teacher http://127.0.0.1:9/v1 --teacher-model m "
+      "--max-retries 0 -o qa2 --no-progress", "cannot reach the teacher at http://127.0.0.1:9/v1"),
+    C("synth-into-user-dir", "synth qa corpus.txt -o userdir", "holds files gptlab did not write"),
+    C("synth-demo-lora-r-0", "synth demo --lora-r 0 -o demo2", "lora-r must be an integer >= 1, got 0"),
 ]
 
 CASES = REPORTED + OURS

@@ -1,0 +1,1 @@
+"""QA synthesis: documents -> a teacher -> filtered question-answer pairs for fine-tuning and strict evaluation."""
