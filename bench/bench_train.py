@@ -25,7 +25,8 @@ B, T, V, L, H, C = 8, 256, 50257, 6, 6, 384
 def gptlab_step_fn(dtype):
     from gptlab.models.config import Config
     from gptlab.models.model import GPT
-    from gptlab.train.loop import LoopConfig, make_optimizer
+    from gptlab.train.loop import LoopConfig
+    from gptlab.train.optim import make_optimizer
     from gptlab.train.losses import next_token_loss
 
     torch.manual_seed(0)

@@ -24,7 +24,8 @@ Conventions the hooks can rely on:
   loss (a prompt token, padding). For pretraining windows, input_ids = w[:-1] and labels = w[1:].
 - `loss_fn` returns a SUM and a COUNT; the trainer divides by the count summed over gradient-accumulation
   micro-batches and over processes, so every counted item weighs the same however the batch is split
-  (exactly the loss of one big batch; masked SFT batches of uneven length included).
+  (exactly the loss of one big batch; masked SFT batches of uneven length included). It may return a third
+  value, {name: summed metric} (DPO's rewards and accuracy), divided by the same count and logged.
 - Batches are addressed by number: micro-batch `i = step * grad_accum + micro` of rank `rank` in a world
   of `world` processes. A resumed run, or the same global batch split across processes, therefore reads
   exactly the same examples as an uninterrupted single-process run. Validation batches are numbered 0..
@@ -49,7 +50,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -61,8 +62,15 @@ from gptlab.formats.files import RunLock, read_json, replace_dir
 from gptlab.models import stats
 from gptlab.train.guards import RUN_ENTRIES, check_loop_config
 from gptlab.train.losses import next_token_loss
+from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.runtime import Dist, autocast_dtype, init_distributed, measure_peak_flops, pick_device, sync, unwrap
 from gptlab.train.savers import HFSaver
+
+
+def _add(sums: dict[str, torch.Tensor], more: list) -> None:
+    """Add a loss hook's optional third value, {name: summed metric}, into `sums` (divided by the count later)."""
+    for k, v in (more[0] if more else {}).items():
+        sums[k] = sums.get(k, 0) + v.detach().float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,41 +148,6 @@ class Saver(Protocol):
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, "torch.Tensor | int"]]
 MetricsFn = Callable[[nn.Module, BatchSource, "Trainer"], dict[str, float]]
 Callback = Callable[["Trainer", str, dict[str, Any]], None]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# optimizer and schedule
-
-
-def make_optimizer(params: Iterable[nn.Parameter], cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on 2-D (and larger) weights only, fused when the device supports it."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise GptlabError("no parameters to train (all have requires_grad=False)")
-    seen: set[int] = set()
-    unique = [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # tied weights appear once
-    groups = [
-        {"params": [p for p in unique if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in unique if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu", "mps"), **kw)
-    except (RuntimeError, TypeError):  # fused kernels missing for this device or dtype
-        return torch.optim.AdamW(groups, **kw)
-
-
-def lr_at(step: int, cfg: LoopConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    if cfg.schedule == "linear":
-        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,6 +236,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
+        extras: dict[str, torch.Tensor] = {}
         tokens = 0
         for micro in range(cfg.grad_accum):
             batch = self._to_device(self.train_data.batch(self.step * cfg.grad_accum + micro, dist.rank, dist.world))
@@ -272,13 +246,16 @@ class Trainer:
             ctx = contextlib.nullcontext() if last_micro else self._fwd.no_sync()
             with ctx:
                 with self._autocast():
-                    loss, n = self.loss_fn(self._fwd, batch)
+                    loss, n, *more = self.loss_fn(self._fwd, batch)
                 loss.backward()
             loss_sum += loss.detach().float()
             count += n
+            _add(extras, more)
         # the losses were sums: divide the gradients by the number of counted items in the global batch
         # (DDP already divided by world, hence the factor)
-        totals = dist.sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), device=self.device)]))
+        names = sorted(extras)
+        totals = dist.sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), device=self.device),
+                                       *(extras[k] for k in names)]))
         n_items = totals[1].clamp(min=1)
         scale = dist.world / n_items
         for p in self.params:
@@ -307,7 +284,7 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         return {"loss": (totals[0] / n_items).item(), "lr": lr, "grad_norm": float(grad_norm),
-                "tokens": int(totals[2].item())}
+                "tokens": int(totals[2].item()), **{k: (totals[3 + i] / n_items).item() for i, k in enumerate(names)}}
 
     # ---- evaluation ----
     @torch.no_grad()
@@ -320,15 +297,19 @@ class Trainer:
         n_batches = max(1, min(cfg.eval_batches, len(self.val_data) // dist.world))
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
+        extras: dict[str, torch.Tensor] = {}
         for i in range(n_batches):
             batch = self._to_device(self.val_data.batch(i, dist.rank, dist.world))
             with self._autocast():
-                loss, n = self.loss_fn(self._eval_fwd, batch)
+                loss, n, *more = self.loss_fn(self._eval_fwd, batch)
             loss_sum += loss.float()
             count += n
-        totals = dist.sum(torch.stack([loss_sum, count]))
+            _add(extras, more)
+        names = sorted(extras)
+        totals = dist.sum(torch.stack([loss_sum, count, *(extras[k] for k in names)]))
         val_loss = (totals[0] / totals[1].clamp(min=1)).item()
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        out.update({f"val_{k}": (totals[2 + i] / totals[1].clamp(min=1)).item() for i, k in enumerate(names)})
         if self.bytes_per_token:
             out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
         if self.metrics_fn is not None:

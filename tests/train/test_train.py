@@ -21,7 +21,8 @@ from gptlab import cli
 from gptlab.models.config import Config
 from gptlab.data.shards import TokenWindows, prepare, read_manifest
 from gptlab.models.model import GPT
-from gptlab.train.loop import LoopConfig, Trainer, lr_at, make_optimizer
+from gptlab.train.loop import LoopConfig, Trainer
+from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.losses import linear_cross_entropy, next_token_loss
 
 HERE = Path(__file__).parent
