@@ -63,6 +63,20 @@ class _Route:
 _ROUTE: contextvars.ContextVar[_Route | None] = contextvars.ContextVar("lora_route", default=None)
 
 
+_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("lora_off", default=False)
+
+
+@contextlib.contextmanager
+def lora_disabled():
+    """Within the block every adapter is off: the base model, without a copy (DPO's reference with LoRA,
+    as PEFT's disable_adapter). Merged weights cannot be switched off."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
 @contextlib.contextmanager
 def lora_routing(rows: dict[str, torch.Tensor]):
     """Within the block, each named adapter applies to the given rows of the flattened (B*T) tokens only,
@@ -124,7 +138,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias)
-        if self.merged or not self.spans:
+        if self.merged or not self.spans or _OFF.get():
             return y
         route = _ROUTE.get()
         served = all(n is not None for n in self.names)  # named adapters only: inference, no dropout

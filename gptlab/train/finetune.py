@@ -40,6 +40,7 @@ from gptlab.data.gpt1_tasks import GPT1_TASKS, TOKENS, GroupCollate, TaskTokens,
 from gptlab.errors import GptlabError
 from gptlab.limits import check_fields
 from gptlab.eval.metrics import classification_report
+from gptlab.train.preference import DPOLoss, PairCollate, precompute_reference, read_pairs
 from gptlab.formats import hf
 from gptlab.models import stats
 from gptlab.models.classifier import SequenceClassifier, TaskClassifier
@@ -52,7 +53,7 @@ from gptlab.train.runtime import init_distributed, pick_device, unwrap
 from gptlab.train.savers import AdapterSaver, ClassifierSaver
 
 Method = Literal["full", "lora"]
-Task = Literal["sft", "classification", "lm", "entailment", "similarity", "choice"]
+Task = Literal["sft", "classification", "lm", "entailment", "similarity", "choice", "dpo"]
 
 
 @dataclass
@@ -78,6 +79,10 @@ class FinetuneConfig(LoopConfig):
     pack: bool = False  # pack short examples into seq_len rows
     skip_bad_rows: bool = False  # count and skip malformed rows
     lm_loss_weight: float = 0.5  # GPT-1 tasks: auxiliary LM loss weight
+    loss: str = "sigmoid"  # dpo: sigmoid, ipo, hinge or robust
+    beta: float = 0.1  # dpo: weight of the log-ratios
+    label_smoothing: float = 0.0  # dpo robust: assumed share of flipped pairs
+    precompute_ref: bool = False  # dpo: reference log-probs in one pass first
     save_merged: bool = False  # lora: also write out_dir/merged
     out_dir: str = "out/finetune"
     max_steps: int = 300
@@ -90,7 +95,8 @@ class FinetuneConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         self.task = self.ALIASES["task"].get(self.task, self.task)
-        check_fields(self, ("val_fraction", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "lm_loss_weight"))
+        check_fields(self, ("val_fraction", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "lm_loss_weight", "beta",
+                            "label_smoothing"))
 
 
 @dataclass
@@ -165,6 +171,13 @@ def _datasets(cfg: FinetuneConfig, tok, seq_len: int, tokens: TaskTokens | None 
         else:
             train, val = sft.split(rows.examples, cfg.val_fraction, cfg.seed)
         return train, val, GroupCollate(pad), rows.names, rows.summary()
+    if cfg.task == "dpo":
+        train, summary = read_pairs(cfg.data, tok, seq_len, cfg.skip_bad_rows)
+        if cfg.val_data:
+            val = read_pairs(cfg.val_data, tok, seq_len, cfg.skip_bad_rows)[0]
+        else:
+            train, val = sft.split(train, cfg.val_fraction, cfg.seed)
+        return train, val, PairCollate(pad), None, summary
     if cfg.task == "classification":
         rows = load_class_rows(cfg.data, tok, seq_len, skip_bad=cfg.skip_bad_rows)
         names = rows.names
@@ -238,6 +251,12 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
         saver = None  # the Trainer's default: an HF model dir with the tokenizer (its chat template included)
     module.train()
 
+    loss_fn = (gpt1_task_loss(cfg.lm_loss_weight) if tokens is not None else
+               classification_loss if cfg.task == "classification" else next_token_loss)
+    if cfg.task == "dpo":
+        if cfg.precompute_ref:
+            precompute_reference(model, train + val, _pad_id(tok), cfg.batch_size, progress=not cfg.quiet)
+        loss_fn = DPOLoss(model, cfg.beta, cfg.loss, cfg.label_smoothing, precomputed=cfg.precompute_ref)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     if dist.main and not cfg.quiet:
@@ -248,8 +267,7 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     probe = train_batches.batch(0, dist.rank, dist.world)["input_ids"]  # numbered: reading it changes nothing
     trainer = Trainer(
         module, train_batches, val_batches, cfg, tokenizer=tok,
-        loss_fn=(gpt1_task_loss(cfg.lm_loss_weight) if tokens is not None else
-                 classification_loss if cfg.task == "classification" else next_token_loss),
+        loss_fn=loss_fn,
         metrics_fn=ClassificationMetrics(names) if names is not None and val else None,
         saver=saver, device=device, dist=dist,
         flops_per_token=stats.flops_per_token(model.config, probe.shape[-1], training=True),
