@@ -1,5 +1,5 @@
-"""`gptlab synth qa` (documents -> teacher -> QA pairs, gptlab.synth.qa) and `gptlab synth demo` (the
-rule-book workflow end to end, gptlab.synth.demo)."""
+"""Commands that make training data: `gptlab synth qa` (documents -> teacher -> QA pairs, gptlab.synth.qa),
+`gptlab synth demo` (the rule-book workflow end to end) and `gptlab sample` (rejection sampling)."""
 
 from __future__ import annotations
 
@@ -92,4 +92,45 @@ def synth_demo_command(out: str = "domain-demo", base: str | None = None, base_s
         print(f"  {name:6}  exact {m['exact']:.1%}  F1 {m['f1']:.1%}  contains {m['contains']:.1%}  "
               f"strict {m['strict']:.1%}  numeric {m['numeric_acc']:.1%}")
     print(f"{s['fixed']} fixed, {s['broken']} broken; {s['wall_s'] / 60:.1f} min; report: {out}/report/report.md")
+    return 0
+
+
+@command("sample")
+def sample_command(model: str, data: str | None = None, n: int = 8, verify: str = "numeric", max_new_tokens: int = 128,
+                   temperature: float = 0.8, top_p: float | None = None, seed: int = 0, batch_size: int = 16,
+                   dtype: str | None = None, out: str = "samples", overwrite: bool = False,
+                   progress: bool = True) -> int:
+    """Rejection sampling: n completions per prompt, verified, kept as SFT rows and DPO pairs.
+
+    Writes OUT/sft.jsonl (passing completions, for `finetune --task sft`), OUT/pairs.jsonl (a passing
+    and a failing completion per prompt, for `--task dpo`) and OUT/report.json (counts per prompt):
+
+      gptlab sample out/model --data math.jsonl --n 8 --verify numeric -o samples
+
+    Args:
+        model: a model dir or hub id
+        data: JSONL rows with `prompt` (text or chat messages) and the fields the verifier reads (`answer`)
+        n: completions per prompt
+        verify: numeric, exact (against the row's `answer`), format, or module:function
+        max_new_tokens: tokens per completion
+        temperature: sampling temperature
+        top_p: nucleus sampling
+        seed: sampling seed
+        batch_size: prompts generated together (each with its n samples)
+        dtype: float32, bfloat16, float16 (default: the checkpoint's)
+        out: output dir (-o)
+        overwrite: write into OUT even when it holds files gptlab did not write
+        progress: show a progress bar
+    """
+    from gptlab.errors import GptlabError
+    from gptlab.synth.sample import rejection_sample
+
+    if not data:
+        raise GptlabError("pass the prompts with --data FILE.jsonl")
+    r = rejection_sample(model, data, out, n=n, verify=verify, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed, batch_size=batch_size, dtype=dtype, overwrite=overwrite,
+                         progress=progress)
+    print(f"{r['prompts']} prompts x {n}: {r['passed']} of {r['samples']} passed ({r['pass_rate']:.1%}), "
+          f"{r['prompts_with_a_pass']} prompts with a pass")
+    print(f"wrote {out}/sft.jsonl ({r['sft_rows']} rows), pairs.jsonl ({r['pairs']} pairs), report.json")
     return 0

@@ -57,7 +57,6 @@ def _write(path, rows):
 @pytest.fixture(scope="module")
 def trl_setup(tmp_path_factory, tiny_tokenizer):
     """A tiny random GPT-2 as policy, another as reference (float64), and TRL's tokenizer for them."""
-    pytest.importorskip("trl")
     from tests.conftest import make_hf_model, save_hf_model
     from transformers import PreTrainedTokenizerFast
 
