@@ -38,8 +38,9 @@ from gptlab.data import examples
 from gptlab.data.examples import ExampleBatches, load_class_rows
 from gptlab.data.gpt1_tasks import GPT1_TASKS, TOKENS, GroupCollate, TaskTokens, load_task_rows, task_tokens
 from gptlab.errors import GptlabError
-from gptlab.limits import check_fields
+from gptlab.limits import Limit, check, check_fields
 from gptlab.eval.metrics import classification_report
+from gptlab.train.distill import DistillLoss, check_compatible
 from gptlab.train.preference import DPOLoss, PairCollate, precompute_reference, read_pairs
 from gptlab.formats import hf
 from gptlab.models import stats
@@ -53,7 +54,7 @@ from gptlab.train.runtime import init_distributed, pick_device, unwrap
 from gptlab.train.savers import AdapterSaver, ClassifierSaver
 
 Method = Literal["full", "lora"]
-Task = Literal["sft", "classification", "lm", "entailment", "similarity", "choice", "dpo"]
+Task = Literal["sft", "classification", "lm", "entailment", "similarity", "choice", "dpo", "distill"]
 
 
 @dataclass
@@ -83,6 +84,9 @@ class FinetuneConfig(LoopConfig):
     beta: float = 0.1  # dpo: weight of the log-ratios
     label_smoothing: float = 0.0  # dpo robust: assumed share of flipped pairs
     precompute_ref: bool = False  # dpo: reference log-probs in one pass first
+    teacher: str = ""  # distill: the teacher model dir
+    jsd_beta: float = 0.5  # distill: 0 = forward KL, 1 = reverse KL
+    temperature: float = 1.0  # distill: softmax temperature
     save_merged: bool = False  # lora: also write out_dir/merged
     out_dir: str = "out/finetune"
     max_steps: int = 300
@@ -96,7 +100,8 @@ class FinetuneConfig(LoopConfig):
     def __post_init__(self) -> None:
         self.task = self.ALIASES["task"].get(self.task, self.task)
         check_fields(self, ("val_fraction", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "lm_loss_weight", "beta",
-                            "label_smoothing"))
+                            "label_smoothing", "jsd_beta"))
+        check("temperature", self.temperature, Limit(float, 0, low_open=True))
 
 
 @dataclass
@@ -187,15 +192,25 @@ def _datasets(cfg: FinetuneConfig, tok, seq_len: int, tokens: TaskTokens | None 
         else:
             train, val = sft.split(rows.examples, cfg.val_fraction, cfg.seed)
         return train, val, sft.Collate(pad), names, rows.summary()
-    enc = sft.encode_file(cfg.data, tok, cfg.task, seq_len, skip_bad=cfg.skip_bad_rows)
+    task = cfg.task if cfg.task != "distill" else _row_task(cfg.data)
+    enc = sft.encode_file(cfg.data, tok, task, seq_len, skip_bad=cfg.skip_bad_rows)
     if cfg.val_data:
-        train, val = enc.examples, sft.encode_file(cfg.val_data, tok, cfg.task, seq_len, cfg.skip_bad_rows).examples
+        train, val = enc.examples, sft.encode_file(cfg.val_data, tok, task, seq_len, cfg.skip_bad_rows).examples
     else:
         train, val = sft.split(enc.examples, cfg.val_fraction, cfg.seed)
     train_rows = sft.to_rows(train, seq_len, pack=cfg.pack, seed=cfg.seed)
     val_rows = sft.to_rows(val, seq_len) if val else []
     summary = f"{enc.summary()}; {sft.trained_tokens(train_rows):,} trained tokens in {len(train_rows)} rows"
     return train_rows, val_rows, sft.Collate(pad), None, summary
+
+
+def _row_task(path: str) -> str:
+    """distill rows: "lm" for {"text"} rows (every token), "sft" for chat / instruction rows (the answers)."""
+    from gptlab.data.jsonl import read_jsonl
+
+    for _, row in read_jsonl(path):
+        return "lm" if "text" in row and not {"messages", "conversations", "instruction", "prompt"} & set(row) else "sft"
+    return "sft"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,6 +272,13 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
         if cfg.precompute_ref:
             precompute_reference(model, train + val, _pad_id(tok), cfg.batch_size, progress=not cfg.quiet)
         loss_fn = DPOLoss(model, cfg.beta, cfg.loss, cfg.label_smoothing, precomputed=cfg.precompute_ref)
+    if cfg.task == "distill":
+        if not cfg.teacher:
+            raise GptlabError("--task distill needs --teacher DIR (a model of the same tokenizer family)")
+        teacher = hf.load(cfg.teacher, dtype=torch.float32)
+        check_compatible(tok, load_tokenizer(cfg.teacher), model.config.vocab_size, teacher.config.vocab_size,
+                         cfg.teacher)
+        loss_fn = DistillLoss(teacher.to(device), cfg.jsd_beta, cfg.temperature)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     if dist.main and not cfg.quiet:
