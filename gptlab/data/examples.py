@@ -109,6 +109,21 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     return out
 
 
+def render_prompt(tokenizer, prompt: Any, where: str) -> str:
+    """A prompt to generate from: text as it is, or chat messages through the chat template (a template-less
+    tokenizer gets INSTRUCTION_TEMPLATE) with the generation prompt; a GptlabError naming `where` otherwise."""
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        ensure_chat_template(tokenizer)
+        try:
+            turns = to_messages({"messages": prompt + [{"role": "assistant", "content": ""}]}, where)[:-1]
+        except ValueError as e:
+            raise GptlabError(str(e)) from None
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True)
+    raise GptlabError(f"{where}: 'prompt' must be non-empty text or a list of chat messages")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # rows -> tokens with a loss mask
 

@@ -18,24 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gptlab.data.examples import render_prompt
 from gptlab.data.jsonl import read_jsonl
 from gptlab.errors import GptlabError
 from gptlab.eval.rewards import load_reward, score
-
-
-def _prompt_text(tokenizer, prompt: Any, where: str) -> str:
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, list) and prompt:
-        from gptlab.data.examples import ensure_chat_template, to_messages
-
-        ensure_chat_template(tokenizer)
-        try:
-            turns = to_messages({"messages": prompt + [{"role": "assistant", "content": ""}]}, where)[:-1]
-        except ValueError as e:
-            raise GptlabError(str(e)) from None
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True)
-    raise GptlabError(f"{where}: 'prompt' must be non-empty text or a list of chat messages")
 
 
 def rejection_sample(model_path: str, data: str, out: str | Path, n: int = 8, verify: str = "numeric",
@@ -66,15 +52,17 @@ def rejection_sample(model_path: str, data: str, out: str | Path, n: int = 8, ve
         raise GptlabError(f"{data}: no prompts")
     model = gptlab.load(model_path, dtype=dtype)
     tok = gptlab.load_tokenizer(model_path)
-    texts = [_prompt_text(tok, row["prompt"], f"{data}:{line}") for line, row in rows]
+    texts = [render_prompt(tok, row["prompt"], f"{data}:{line}") for line, row in rows]
     start = time.perf_counter()
     sft, pairs, per_prompt = [], [], []
     with tqdm(total=len(rows), desc="sampling", unit="prompt", disable=not progress) as bar:
         for b in range(0, len(rows), batch_size):
             chunk, prompts = rows[b: b + batch_size], texts[b: b + batch_size]
-            s = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed + b,
-                         truncate=True)
-            outs = engine_for(model, tok, [len(tok.encode(p)) for p in prompts], s).generate(prompts, s)
+            # a seed per prompt (its n samples take seed + 0 .. n - 1): prompts sharing one seed would share
+            # their random draws, and pass or fail together
+            ss = [Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, truncate=True,
+                           seed=seed * 1_000_003 + (b + k) * n) for k in range(len(prompts))]
+            outs = engine_for(model, tok, [len(tok.encode(p)) for p in prompts], ss[0]).generate(prompts, ss)
             completions = [[o.text for o in r.outputs] for r in outs]
             flat_rows = [row for _, row in chunk for _ in range(n)]
             values = score(name, fn, [row["prompt"] for row in flat_rows], [c for cs in completions for c in cs],

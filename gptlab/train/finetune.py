@@ -41,6 +41,7 @@ from gptlab.errors import GptlabError
 from gptlab.limits import Limit, check, check_fields
 from gptlab.eval.metrics import classification_report
 from gptlab.train.distill import DistillLoss, check_compatible
+from gptlab.train.grpo import GRPOLoss, PromptBatches, read_prompts
 from gptlab.train.preference import DPOLoss, PairCollate, precompute_reference, read_pairs
 from gptlab.formats import hf
 from gptlab.models import stats
@@ -54,7 +55,7 @@ from gptlab.train.runtime import init_distributed, pick_device, unwrap
 from gptlab.train.savers import AdapterSaver, ClassifierSaver
 
 Method = Literal["full", "lora"]
-Task = Literal["sft", "classification", "lm", "entailment", "similarity", "choice", "dpo", "distill"]
+Task = Literal["sft", "classification", "lm", "entailment", "similarity", "choice", "dpo", "grpo", "distill"]
 
 
 @dataclass
@@ -80,13 +81,21 @@ class FinetuneConfig(LoopConfig):
     pack: bool = False  # pack short examples into seq_len rows
     skip_bad_rows: bool = False  # count and skip malformed rows
     lm_loss_weight: float = 0.5  # GPT-1 tasks: auxiliary LM loss weight
-    loss: str = "sigmoid"  # dpo: sigmoid, ipo, hinge or robust
+    loss: str = ""  # dpo: sigmoid, ipo, hinge, robust; grpo: grpo, dr_grpo, dapo
     beta: float = 0.1  # dpo: weight of the log-ratios
     label_smoothing: float = 0.0  # dpo robust: assumed share of flipped pairs
     precompute_ref: bool = False  # dpo: reference log-probs in one pass first
     teacher: str = ""  # distill: the teacher model dir
     jsd_beta: float = 0.5  # distill: 0 = forward KL, 1 = reverse KL
-    temperature: float = 1.0  # distill: softmax temperature
+    temperature: float = 1.0  # distill: softmax temperature; grpo: sampling's
+    reward: list[str] = field(default_factory=lambda: ["numeric"])  # grpo: numeric, exact, format, module:fn
+    reward_weights: list[float] = field(default_factory=list)  # grpo: one per reward (default 1 each)
+    num_generations: int = 8  # grpo: completions per prompt
+    max_new_tokens: int = 64  # grpo: tokens per completion
+    scale_rewards: str = "group"  # grpo: advantages / std over group, batch or none
+    epsilon: float = 0.2  # grpo: clip range
+    epsilon_high: float = 0.0  # grpo: upper clip range (0 = epsilon)
+    kl_beta: float = 0.0  # grpo: k3 KL penalty to the start (0 = no reference)
     save_merged: bool = False  # lora: also write out_dir/merged
     out_dir: str = "out/finetune"
     max_steps: int = 300
@@ -102,6 +111,8 @@ class FinetuneConfig(LoopConfig):
         check_fields(self, ("val_fraction", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "lm_loss_weight", "beta",
                             "label_smoothing", "jsd_beta"))
         check("temperature", self.temperature, Limit(float, 0, low_open=True))
+        for name in ("num_generations", "max_new_tokens", "epsilon", "epsilon_high", "kl_beta"):
+            check(name, getattr(self, name))
 
 
 @dataclass
@@ -176,6 +187,11 @@ def _datasets(cfg: FinetuneConfig, tok, seq_len: int, tokens: TaskTokens | None 
         else:
             train, val = sft.split(rows.examples, cfg.val_fraction, cfg.seed)
         return train, val, GroupCollate(pad), rows.names, rows.summary()
+    if cfg.task == "grpo":
+        if cfg.val_data:
+            raise GptlabError("--task grpo has no validation loss; drop --val-data (evaluate with gptlab eval)")
+        rows, prompts = read_prompts(cfg.data, tok)
+        return (rows, prompts), [], None, None, f"{len(rows)} prompts x {cfg.num_generations} completions per step"
     if cfg.task == "dpo":
         train, summary = read_pairs(cfg.data, tok, seq_len, cfg.skip_bad_rows)
         if cfg.val_data:
@@ -271,7 +287,13 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     if cfg.task == "dpo":
         if cfg.precompute_ref:
             precompute_reference(model, train + val, _pad_id(tok), cfg.batch_size, progress=not cfg.quiet)
-        loss_fn = DPOLoss(model, cfg.beta, cfg.loss, cfg.label_smoothing, precomputed=cfg.precompute_ref)
+        loss_fn = DPOLoss(model, cfg.beta, cfg.loss or "sigmoid", cfg.label_smoothing, precomputed=cfg.precompute_ref)
+    if cfg.task == "grpo":
+        rows, prompts = train
+        loss_fn = GRPOLoss(model, tok, rows, prompts, cfg.reward, cfg.reward_weights, cfg.num_generations,
+                           cfg.max_new_tokens, cfg.temperature, cfg.scale_rewards, cfg.epsilon,
+                           cfg.epsilon_high or None, cfg.kl_beta, cfg.loss or "grpo")
+        train = prompts
     if cfg.task == "distill":
         if not cfg.teacher:
             raise GptlabError("--task distill needs --teacher DIR (a model of the same tokenizer family)")
@@ -284,7 +306,8 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     if dist.main and not cfg.quiet:
         print(f"{cfg.task} / {cfg.method}: {summary}; {len(val)} validation examples; "
               f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
-    train_batches = ExampleBatches(train, cfg.batch_size, collate, seed=cfg.seed)
+    train_batches = (ExampleBatches(train, cfg.batch_size, collate, seed=cfg.seed) if cfg.task != "grpo" else
+                     PromptBatches(train, cfg.batch_size, _pad_id(tok), cfg.seed, cfg.num_generations))
     val_batches = ExampleBatches(val, cfg.batch_size, collate, shuffle=False) if val else None
     probe = train_batches.batch(0, dist.rank, dist.world)["input_ids"]  # numbered: reading it changes nothing
     trainer = Trainer(
