@@ -86,7 +86,7 @@ LIMITS: dict[str, Limit] = {
     "val_fraction": _float(0, 1, high_open=True), "seq_len": _int(0, note="0 = the context length"),
     "lora_r": _int(1), "lora_alpha": _float(0, low_open=True), "lora_dropout": _float(0, 1, high_open=True),
     "lm_loss_weight": _float(0), "beta": _float(0, low_open=True), "label_smoothing": _float(0, 0.5, high_open=True),
-    "jsd_beta": _float(0, 1), "num_generations": _int(2), "epsilon": _float(0, 1, high_open=True),
+    "jsd_beta": _float(0, 1), "on_policy": _float(0, 1), "num_generations": _int(2), "epsilon": _float(0, 1, high_open=True),
     "epsilon_high": _float(0, note="0 = epsilon"), "kl_beta": _float(0, note="0 = no reference"),
     # sampling (generate, chat, eval qa, the engine and the server)
     "max_new_tokens": _int(1), "temperature": _float(0), "top_k": _int(1), "top_p": _float(0, 1, low_open=True),

@@ -6,7 +6,8 @@ defines it, per trained token:
     JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m);   beta = 0: KL(p || q) (forward), 1: KL(q || p) (reverse)
 
 Rows are fine-tuning rows: chat / instruction rows train on the answers' tokens, {"text"} rows on every
-token. The teacher must share the student's tokenizer: every student token has the same id in the teacher's
+token. With `on_policy` > 0, that share of the micro-batches (seeded by their number) replaces the answers
+with the student's own samples of the same prompts (GKD's on-policy mix, lambda), scored by the teacher. The teacher must share the student's tokenizer: every student token has the same id in the teacher's
 vocabulary, which may be longer (Qwen2.5 <= 3B: 151,936 entries; >= 7B: 152,064, padding), and its extra
 logits are sliced off; anything else is refused.
 """
@@ -55,10 +56,15 @@ def check_compatible(student_tok, teacher_tok, student_vocab: int, teacher_vocab
 class DistillLoss:
     """The Trainer's loss_fn: (summed JSD over trained tokens, tokens, {"kl": summed KL(teacher || student)})."""
 
-    def __init__(self, teacher: nn.Module, beta: float = 0.5, temperature: float = 1.0) -> None:
+    def __init__(self, teacher: nn.Module, beta: float = 0.5, temperature: float = 1.0, tokenizer=None,
+                 max_new_tokens: int = 64) -> None:
         self.teacher, self.beta, self.temperature = teacher.eval().requires_grad_(False), beta, temperature
+        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        on_policy = bool(batch.get("on_policy", False))
+        if on_policy:  # the student's own completions of the prompts, sampled at temperature 1
+            batch = student_samples(model, self.tokenizer, batch, self.max_new_tokens, 1.0)
         mask = batch["labels"] != IGNORE_INDEX  # the positions whose next token is trained
         student = model(batch["input_ids"])[mask].float()  # (N, V)
         with torch.no_grad():
@@ -66,4 +72,62 @@ class DistillLoss:
         jsd = generalized_jsd(student, teacher, self.beta, self.temperature)
         with torch.no_grad():
             kl = generalized_jsd(student, teacher, 0.0, 1.0) if self.beta != 0 or self.temperature != 1 else jsd
-        return jsd.sum(), mask.sum(), {"kl": kl.detach().sum()}
+        n = mask.sum()
+        return jsd.sum(), n, {"kl": kl.detach().sum(), "on_policy": n.float() * on_policy}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# on-policy: the student's own samples for a share of the steps (GKD's lambda)
+
+
+class OnPolicyBatches:
+    """A BatchSource whose batch `index` is marked on-policy for a seeded share `fraction` of the micro-batches,
+    with a sampling seed from its number: resume and data-parallel splits mark and sample the same."""
+
+    def __init__(self, inner, fraction: float, seed: int) -> None:
+        self.inner, self.fraction, self.seed = inner, fraction, seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def batch(self, index: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        out = self.inner.batch(index, rank, world)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        on = bool(torch.rand((), generator=g) < self.fraction)
+        return {**out, "on_policy": torch.tensor(on), "seed": torch.tensor(self.seed * 1_000_003 + (index * world + rank) * 4096)}
+
+
+def student_samples(model: nn.Module, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int,
+                    temperature: float) -> dict[str, torch.Tensor]:
+    """The batch's prompts (each row up to its first trained token) completed by the student itself."""
+    from gptlab.infer.generate import engine_for
+    from gptlab.infer.sampling import Sampling
+    from gptlab.train.runtime import unwrap
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    prompts = []
+    for r in range(ids.shape[0]):
+        trained = (labels[r] != IGNORE_INDEX).nonzero()
+        if len(trained) == 0 or int(trained[0]) == 0:
+            raise GptlabError("--on-policy needs rows with a prompt (chat / instruction rows), not plain text rows")
+        prompts.append(ids[r, : int(trained[0]) + 1].tolist())
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    base = int(batch["seed"])
+    samplings = [Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=base + i)
+                 for i in range(len(prompts))]
+    with torch.no_grad():
+        outs = engine_for(m, tokenizer, [len(p) for p in prompts], samplings[0]).generate(prompts, samplings)
+    m.train(was_training)
+    eos = tokenizer.eos_id
+    rows = [p + o.outputs[0].token_ids + ([eos] if o.outputs[0].num_tokens > len(o.outputs[0].token_ids) else [])
+            for p, o in zip(prompts, outs)]
+    T = max(len(r) for r in rows) - 1
+    x = torch.full((len(rows), T), tokenizer.pad_id if tokenizer.pad_id is not None else (eos or 0), dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        t = torch.tensor(row)
+        x[i, : len(row) - 1] = t[:-1]
+        y[i, len(p) - 1: len(row) - 1] = t[len(p):]
+    return {"input_ids": x.to(ids.device), "labels": y.to(ids.device)}

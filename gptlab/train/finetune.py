@@ -40,7 +40,7 @@ from gptlab.data.gpt1_tasks import GPT1_TASKS, TOKENS, GroupCollate, TaskTokens,
 from gptlab.errors import GptlabError
 from gptlab.limits import Limit, check, check_fields
 from gptlab.eval.metrics import classification_report
-from gptlab.train.distill import DistillLoss, check_compatible
+from gptlab.train.distill import DistillLoss, OnPolicyBatches, check_compatible
 from gptlab.train.grpo import GRPOLoss, PromptBatches, read_prompts
 from gptlab.train.preference import DPOLoss, PairCollate, precompute_reference, read_pairs
 from gptlab.formats import hf
@@ -88,6 +88,7 @@ class FinetuneConfig(LoopConfig):
     teacher: str = ""  # distill: the teacher model dir
     jsd_beta: float = 0.5  # distill: 0 = forward KL, 1 = reverse KL
     temperature: float = 1.0  # distill: softmax temperature; grpo: sampling's
+    on_policy: float = 0.0  # distill: share of steps on own samples
     reward: list[str] = field(default_factory=lambda: ["numeric"])  # grpo: numeric, exact, format, module:fn
     reward_weights: list[float] = field(default_factory=list)  # grpo: one per reward (default 1 each)
     num_generations: int = 8  # grpo: completions per prompt
@@ -109,7 +110,7 @@ class FinetuneConfig(LoopConfig):
     def __post_init__(self) -> None:
         self.task = self.ALIASES["task"].get(self.task, self.task)
         check_fields(self, ("val_fraction", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "lm_loss_weight", "beta",
-                            "label_smoothing", "jsd_beta"))
+                            "label_smoothing", "jsd_beta", "on_policy"))
         check("temperature", self.temperature, Limit(float, 0, low_open=True))
         for name in ("num_generations", "max_new_tokens", "epsilon", "epsilon_high", "kl_beta"):
             check(name, getattr(self, name))
@@ -300,7 +301,7 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
         teacher = hf.load(cfg.teacher, dtype=torch.float32)
         check_compatible(tok, load_tokenizer(cfg.teacher), model.config.vocab_size, teacher.config.vocab_size,
                          cfg.teacher)
-        loss_fn = DistillLoss(teacher.to(device), cfg.jsd_beta, cfg.temperature)
+        loss_fn = DistillLoss(teacher.to(device), cfg.jsd_beta, cfg.temperature, tok, cfg.max_new_tokens)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     if dist.main and not cfg.quiet:
@@ -308,6 +309,8 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
               f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_batches = (ExampleBatches(train, cfg.batch_size, collate, seed=cfg.seed) if cfg.task != "grpo" else
                      PromptBatches(train, cfg.batch_size, _pad_id(tok), cfg.seed, cfg.num_generations))
+    if cfg.task == "distill" and cfg.on_policy:
+        train_batches = OnPolicyBatches(train_batches, cfg.on_policy, cfg.seed)
     val_batches = ExampleBatches(val, cfg.batch_size, collate, shuffle=False) if val else None
     probe = train_batches.batch(0, dist.rank, dist.world)["input_ids"]  # numbered: reading it changes nothing
     trainer = Trainer(

@@ -119,3 +119,27 @@ def test_teachers_of_another_tokenizer_or_a_smaller_vocabulary_are_refused(tmp_p
         assert main(argv + (["--teacher", str(teacher)] if teacher else [])) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err, err
+
+
+def test_on_policy_steps_use_the_students_own_samples(tmp_path, teacher_and_text, corpus_text, capsys):
+    teacher, train, _ = teacher_and_text
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": corpus_text[i: i + 40], "completion": corpus_text[i + 40: i + 70]})
+                            + "\n" for i in range(0, 4000, 100)))
+    cfg = dict(data=str(rows), task="distill", teacher=str(teacher), method="full", val_fraction=0.0, max_steps=8,
+               batch_size=4, lr=1e-3, warmup_steps=0, eval_every=0, log_every=1, seq_len=64, quiet=True,
+               precision="fp32", max_new_tokens=8, on_policy=0.5)
+    finetune(str(teacher), FinetuneConfig(**cfg, out_dir=str(tmp_path / "a")))
+    log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x]
+    marks = [round(r["on_policy"]) for r in log]
+    assert set(marks) == {0, 1} and all(r["on_policy"] in (0.0, 1.0) for r in log)  # whole micro-batches
+    finetune(str(teacher), FinetuneConfig(**cfg, out_dir=str(tmp_path / "b")))  # seeded: the same steps, same samples
+    again = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x]
+    assert [r["on_policy"] for r in again] == [r["on_policy"] for r in log]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in log], abs=1e-6)
+    # plain text rows have no prompt to sample from
+    argv = ["finetune", str(teacher), "--task", "distill", "--teacher", str(teacher), "--data", str(train),
+            "--on-policy", "1", "--method", "full", "--max-steps", "1", "--out-dir", str(tmp_path / "c"), "--quiet",
+            "--val-fraction", "0"]
+    assert main(argv) == 1
+    assert "--on-policy needs rows with a prompt" in capsys.readouterr().err
