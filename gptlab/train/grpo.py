@@ -241,6 +241,9 @@ class GRPOLoss:
         scale = float(count) / n if not isinstance(count, int) else 1.0  # logged values are per completion
         m = mask.float()
         extras = {f"reward/{name}": torch.nan_to_num(v).sum() * scale for (name, _), v in zip(self.rewards, per_fn)}
+        for (name, _), v in zip(self.rewards, per_fn):  # each function's spread over the micro-batch's completions
+            known = v[~v.isnan()]
+            extras[f"reward/{name}/std"] = (known.std() if len(known) > 1 else torch.tensor(0.0)) * n * scale
         extras.update({
             "reward": total.sum() * scale, "reward_std": total.view(-1, self.G).std(1).sum() * self.G * scale,
             "completion_length": m.sum() * scale, "clip_fraction": ((clipped & mask).float().sum(1) /

@@ -180,3 +180,12 @@ def test_chat_rows_render_through_the_template(tiny_tokenizer):
         assert tiny_tokenizer.decode(p.chosen).startswith("4") and p.chosen[-1] == tiny_tokenizer.eos_id
     finally:
         tiny_tokenizer.chat_template = saved
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, tiny_gpt2_dir):
+    data = _write(tmp_path / "pairs.jsonl", _rows(8))
+    whole = finetune(str(tiny_gpt2_dir), _cfg(tmp_path, data, max_steps=4, out_dir=str(tmp_path / "a"))).model
+    finetune(str(tiny_gpt2_dir), _cfg(tmp_path, data, max_steps=4, stop_at_step=2, out_dir=str(tmp_path / "b")))
+    resumed = finetune(str(tiny_gpt2_dir), _cfg(tmp_path, data, max_steps=4, resume=True, out_dir=str(tmp_path / "b"))).model
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
