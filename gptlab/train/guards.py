@@ -18,3 +18,7 @@ def check_loop_config(cfg) -> None:
     """One clear error for a loop setting that would train nothing or train wrong (run before any work);
     the bounds are gptlab.limits.LIMITS, shared with the server and the other commands."""
     check_fields(cfg, LOOP_LIMITS)
+    if getattr(cfg, "time_budget", ""):
+        from gptlab.train.budget import parse_duration
+
+        parse_duration(cfg.time_budget)  # a malformed duration fails before any work

@@ -62,6 +62,7 @@ from gptlab.formats.files import RunLock, read_json, replace_dir
 from gptlab.models import stats
 from gptlab.train.guards import RUN_ENTRIES, check_loop_config
 from gptlab.train.losses import next_token_loss
+from gptlab.train.budget import Budget
 from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.runtime import Dist, autocast_dtype, init_distributed, measure_peak_flops, pick_device, sync, unwrap
 from gptlab.train.savers import HFSaver
@@ -113,6 +114,7 @@ class LoopConfig:
     stop_at_step: int = 0  # end this session at this step (0 = off)
     skip_nonfinite: int = 0  # skip up to N non-finite steps (0 = stop)
     quiet: bool = False  # no progress bar or log lines
+    time_budget: str = ""  # e.g. 4m, 240: sets max_steps to end on time
     peak_tflops: float = 0.0  # device peak for MFU (0 = measure it)
 
 def _shown(value) -> str:
@@ -359,6 +361,7 @@ class Trainer:
             if key not in state or isinstance(state[key], bool) or not isinstance(state[key], kinds):
                 raise GptlabError(f"{state_file}: {key!r} is missing or not a number; the checkpoint is damaged")
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        self._saved_config = saved
         for key in getattr(self.config, "RESUME_SAME", ()):  # settings a checkpoint's files depend on
             if key in saved and saved[key] != getattr(self.config, key):
                 raise GptlabError(f"{path} was written by a run with --{key.replace('_', '-')} {_shown(saved[key])}, "
@@ -520,6 +523,8 @@ class Trainer:
         fpt = self.flops_per_token
         if fpt:
             self._peak = cfg.peak_tflops * 1e12 or measure_peak_flops(self.device, self.amp_dtype)
+        budget = Budget.start(self, resumed)  # time_budget: max_steps set after a few measured steps
+        cfg = self.config
 
         from tqdm.auto import tqdm
 
@@ -532,6 +537,11 @@ class Trainer:
         try:
             while self.step < cfg.max_steps and not self.should_stop:
                 m = self.train_step()
+                if budget is not None and budget.after_step(self):
+                    cfg = self.config
+                    eval_due = cfg.eval_every or cfg.max_steps
+                    save_due = cfg.save_every or eval_due
+                    bar.total = cfg.max_steps
                 tok_since += m["tokens"]
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:

@@ -131,6 +131,8 @@ def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
               f"({model.config.n_layer} layers, {model.config.n_embd} wide, context {seq_len})", flush=True)
     fpt = stats.flops_per_token(model.config, seq_len, training=True)
     budget = None
+    if cfg.max_flops and cfg.time_budget:
+        raise GptlabError("--max-flops and --time-budget both set the number of steps; choose one")
     if cfg.max_flops:
         cfg, budget = _budgeted(cfg, fpt, seq_len * cfg.batch_size * cfg.grad_accum * dist.world, dist.main)
     trainer = Trainer(model, train, val, cfg, tokenizer=tok, device=device, dist=dist,

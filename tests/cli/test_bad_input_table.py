@@ -363,6 +363,9 @@ OURS = [  # 30+ more, across every command
       "--max-retries 0 -o qa2 --no-progress", "cannot reach the teacher at http://127.0.0.1:9/v1"),
     C("synth-into-user-dir", "synth qa corpus.txt -o userdir", "holds files gptlab did not write"),
     C("synth-demo-lora-r-0", "synth demo --lora-r 0 -o demo2", "lora-r must be an integer >= 1, got 0"),
+    C("train-time-budget-in-words", [*TRAIN.split(), "--time-budget", "4 minutes"],
+      "--time-budget must be a duration such as 240, 90s, 4m or 1h30m, got '4 minutes'"),
+    C("train-time-budget-and-max-flops", f"{TRAIN} --time-budget 4m --max-flops 1e9", "choose one"),
 ]
 
 CASES = REPORTED + OURS
