@@ -30,7 +30,7 @@ _FORMAT = re.compile(r"\s*<think>.*?</think>\s*\S", re.S)
 RewardFn = Callable[..., list]
 
 
-def _answers(fields: dict[str, list], n: int, name: str) -> list[str]:
+def _answers(fields: dict[str, list], name: str) -> list[str]:
     answers = fields.get("answer")
     if answers is None or any(not isinstance(a, (str, int, float)) or isinstance(a, bool) for a in answers):
         raise GptlabError(f"--verify {name} needs an 'answer' field (text or a number) in every row")
@@ -38,12 +38,12 @@ def _answers(fields: dict[str, list], n: int, name: str) -> list[str]:
 
 
 def numeric(prompts: list, completions: list[str], **fields) -> list[float | None]:
-    answers = _answers(fields, len(completions), "numeric")
+    answers = _answers(fields, "numeric")
     return [float(bool(extract_numbers(a)) and numbers_match(a, strip_think(c))) for a, c in zip(answers, completions)]
 
 
 def exact(prompts: list, completions: list[str], **fields) -> list[float | None]:
-    answers = _answers(fields, len(completions), "exact")
+    answers = _answers(fields, "exact")
     return [float(tokens(strip_think(c)) == tokens(a)) for a, c in zip(answers, completions)]
 
 

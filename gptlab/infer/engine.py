@@ -82,6 +82,11 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_tokens: int = 0  # generated tokens, a stop id included (usage)
 
+    def sampled_ids(self, eos_id: int | None) -> list[int]:
+        """What was sampled, as training needs it: token_ids plus the stop id when the sample ended on one."""
+        stopped = self.num_tokens > len(self.token_ids) and eos_id is not None
+        return self.token_ids + ([eos_id] if stopped else [])
+
 
 @dataclass
 class RequestOutput:

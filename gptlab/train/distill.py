@@ -121,8 +121,7 @@ def student_samples(model: nn.Module, tokenizer, batch: dict[str, torch.Tensor],
         outs = engine_for(m, tokenizer, [len(p) for p in prompts], samplings[0]).generate(prompts, samplings)
     m.train(was_training)
     eos = tokenizer.eos_id
-    rows = [p + o.outputs[0].token_ids + ([eos] if o.outputs[0].num_tokens > len(o.outputs[0].token_ids) else [])
-            for p, o in zip(prompts, outs)]
+    rows = [p + o.outputs[0].sampled_ids(eos) for p, o in zip(prompts, outs)]
     T = max(len(r) for r in rows) - 1
     x = torch.full((len(rows), T), tokenizer.pad_id if tokenizer.pad_id is not None else (eos or 0), dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)

@@ -19,7 +19,6 @@ reference; otherwise the reference is the starting model (LoRA switched off, or 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any
@@ -33,7 +32,7 @@ from gptlab.data.examples import render_prompt
 from gptlab.data.jsonl import read_jsonl
 from gptlab.errors import GptlabError
 from gptlab.eval.rewards import load_reward, score
-from gptlab.models.lora import lora_disabled, lora_layers
+from gptlab.train.preference import StartingModel
 from gptlab.train.runtime import unwrap
 
 AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
@@ -171,9 +170,7 @@ class GRPOLoss:
                 module.p = 0.0
             elif isinstance(getattr(module, "dropout", None), float):
                 module.dropout = 0.0  # attention's dropout_p
-        self.reference = None
-        if kl_beta and not lora_layers(model):
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reference = StartingModel(model) if kl_beta else None  # no reference kept without a KL term
 
     @torch.no_grad()
     def rollout(self, model: nn.Module, rows: list[int], seeds: list[int]):
@@ -191,8 +188,7 @@ class GRPOLoss:
         eos = self.tok.eos_id
         completions = []
         for o in outs:
-            for c in o.outputs:  # the stop id the engine leaves out of token_ids is part of what was sampled
-                completions.append(c.token_ids + ([eos] if c.num_tokens > len(c.token_ids) and eos is not None else []))
+            completions += [c.sampled_ids(eos) for c in o.outputs]
         texts = [c.text for o in outs for c in o.outputs]
         return prompts, completions, texts
 
@@ -227,14 +223,7 @@ class GRPOLoss:
         ids, mask, starts = ids.to(device), mask.to(device), starts.to(device)
         t1 = time.perf_counter()
         logps = token_logps(model, ids, starts, T)
-        ref = None
-        if self.kl_beta:
-            with torch.no_grad():
-                if self.reference is not None:
-                    ref = token_logps(self.reference, ids, starts, T)
-                else:
-                    with lora_disabled():
-                        ref = token_logps(unwrap(model), ids, starts, T)
+        ref = self.reference(token_logps, model, ids, starts, T) if self.reference is not None else None
         token_loss, clipped = grpo_token_loss(logps, logps.detach(), adv, self.eps_low, self.eps_high, self.kl_beta, ref)
         loss, count = aggregate(token_loss, mask, self.loss, self.max_new_tokens)
         n = len(completions)
@@ -248,7 +237,7 @@ class GRPOLoss:
             "reward": total.sum() * scale, "reward_std": total.view(-1, self.G).std(1).sum() * self.G * scale,
             "completion_length": m.sum() * scale, "clip_fraction": ((clipped & mask).float().sum(1) /
                                                                      m.sum(1).clamp(min=1)).sum() * scale,
-            "generation_s": torch.tensor(t_gen * n * scale), "update_s": torch.tensor(0.0)})
+            "generation_s": torch.tensor(t_gen * n * scale)})
         if ref is not None:
             extras["kl"] = ((k3(logps, ref) * m).sum(1) / m.sum(1).clamp(min=1)).detach().sum() * scale
         extras["update_s"] = torch.tensor((time.perf_counter() - t1) * n * scale)

@@ -178,6 +178,22 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return -nll.view(labels.shape).sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
+class StartingModel:
+    """The reference policy: the starting weights, as the same model with its LoRA adapters switched off (no
+    copy), or a frozen copy for full fine-tuning (only when `keep`; precomputed log-probs need none)."""
+
+    def __init__(self, model: nn.Module, keep: bool = True) -> None:
+        self.copy = copy.deepcopy(model).eval().requires_grad_(False) if keep and not lora_layers(model) else None
+
+    @torch.no_grad()
+    def __call__(self, fn, model: nn.Module, *args):
+        """fn(the starting model, *args), without gradients."""
+        if self.copy is not None:
+            return fn(self.copy, *args)
+        with lora_disabled():
+            return fn(unwrap(model), *args)
+
+
 class DPOLoss:
     """The Trainer's loss_fn for DPO: (summed pair losses, pairs, {summed rewards and accuracy})."""
 
@@ -186,18 +202,12 @@ class DPOLoss:
         if loss not in LOSSES:
             raise GptlabError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
-        self.lora = bool(lora_layers(model))
-        # full fine-tuning without precomputed log-probs keeps a frozen copy of the starting weights
-        self.reference = None if precomputed or self.lora else copy.deepcopy(model).eval().requires_grad_(False)
+        self.reference = StartingModel(model, keep=not precomputed)
 
-    @torch.no_grad()
     def reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        if self.reference is not None:
-            return sequence_logps(self.reference, batch)[0]
-        with lora_disabled():
-            return sequence_logps(unwrap(model), batch)[0]
+        return self.reference(lambda m, b: sequence_logps(m, b)[0], model, batch)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         logps, counts = sequence_logps(model, batch)
