@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_train.py            # fp32 and bf16 (bf16 only where the CPU has it natively)
     .venv/bin/python bench/bench_train.py --steps 6 --rounds 3 --dtypes fp32
+    .venv/bin/python bench/bench_train.py --compile --vocab 4096   # adds gptlab under torch.compile (inductor)
 
 Model: 6 layers, 6 heads, 384 wide, context 256, batch 8, GPT-2 vocabulary (50257), no dropout in either.
 A step is zero_grad, forward, loss, backward, AdamW step. Each side uses what its users get by default:
@@ -22,7 +23,7 @@ import torch
 B, T, V, L, H, C = 8, 256, 50257, 6, 6, 384
 
 
-def gptlab_step_fn(dtype):
+def gptlab_step_fn(dtype, compiled: bool = False):
     from gptlab.models.config import Config
     from gptlab.models.model import GPT
     from gptlab.train.loop import LoopConfig
@@ -32,11 +33,12 @@ def gptlab_step_fn(dtype):
     torch.manual_seed(0)
     model = GPT(Config(n_layer=L, n_head=H, n_embd=C, context_length=T, vocab_size=V, dropout=0.0)).train()
     opt = make_optimizer(model.parameters(), LoopConfig(lr=3e-4, weight_decay=0.1), torch.device("cpu"))
+    fwd = torch.compile(model) if compiled else model
 
     def step(x):
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss, n = next_token_loss(model, {"input_ids": x, "labels": x.roll(-1, dims=1)})
+            loss, n = next_token_loss(fwd, {"input_ids": x, "labels": x.roll(-1, dims=1)})
             loss = loss / n
         loss.backward()
         opt.step()
@@ -78,13 +80,18 @@ def native_bf16() -> tuple[bool, float, float]:
     return rates[1] >= 0.8 * rates[0], rates[0], rates[1]
 
 
-def bench(dtype: str, steps: int, rounds: int, warmup: int) -> None:
+def bench(dtype: str, steps: int, rounds: int, warmup: int, compiled: bool) -> None:
     torch.manual_seed(0)
     x = torch.randint(0, V, (B, T))
     sides = {"transformers": transformers_step_fn(dtype), "gptlab": gptlab_step_fn(dtype)}
+    if compiled:
+        sides["gptlab+compile"] = gptlab_step_fn(dtype, compiled=True)
     for name, step in sides.items():
-        for _ in range(warmup):  # first touches of fresh memory are slow: discarded
+        t = time.perf_counter()
+        for _ in range(warmup):  # first touches of fresh memory are slow (and compiling): discarded
             step(x)
+        if name.endswith("compile"):
+            print(f"  {name}: {warmup} warm-up steps (compiling) took {time.perf_counter() - t:.1f} s", flush=True)
     rates: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(rounds):
         for name, step in sides.items():
@@ -97,6 +104,11 @@ def bench(dtype: str, steps: int, rounds: int, warmup: int) -> None:
     hf, ours = statistics.median(rates["transformers"]), statistics.median(rates["gptlab"])
     print(f"{dtype}: transformers {hf:,.0f} tok/s   gptlab {ours:,.0f} tok/s   "
           f"ratio {statistics.median(ratios):.2f}x (per round: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    if compiled:
+        gain = [c / g for c, g in zip(rates["gptlab+compile"], rates["gptlab"])]
+        print(f"{dtype}: gptlab+compile {statistics.median(rates['gptlab+compile']):,.0f} tok/s   "
+              f"{statistics.median(gain):.2f}x eager gptlab (per round: {', '.join(f'{r:.2f}' for r in gain)})",
+              flush=True)
 
 
 def main() -> None:
@@ -107,7 +119,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 even where it is emulated (very slow)")
+    ap.add_argument("--compile", action="store_true", help="also time gptlab under torch.compile")
+    ap.add_argument("--vocab", type=int, default=50257, help="vocabulary (default GPT-2's 50257; the speedrun's 4096)")
     args = ap.parse_args()
+    global V
+    V = args.vocab
     torch.set_num_threads(args.threads)
     print(f"GPT-2 style: {L} layers, {H} heads, {C} wide, context {T}, batch {B}, vocab {V}; "
           f"torch {torch.__version__}, {args.threads} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}")
@@ -118,7 +134,7 @@ def main() -> None:
                 print(f"bf16: skipped: this CPU emulates bf16 matmuls ({bf16:.1f} GFLOP/s vs {fp32:.1f} fp32); "
                       f"--force-bf16 runs it anyway")
                 continue
-        bench(dtype, args.steps, args.rounds, args.warmup)
+        bench(dtype, args.steps, args.rounds, args.warmup, args.compile)
 
 
 if __name__ == "__main__":

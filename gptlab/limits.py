@@ -80,7 +80,8 @@ LIMITS: dict[str, Limit] = {
     "eval_every": _int(0, note="0 = at the end"), "eval_batches": _int(1), "log_every": _int(1),
     "save_every": _int(0, note="0 = at evals"), "patience": _int(0, note="0 = never"),
     "stop_at_step": _int(0, note="0 = off"), "skip_nonfinite": _int(0, note="0 = stop at the first"),
-    "lr": _float(0, low_open=True), "min_lr": _float(0), "weight_decay": _float(0), "eps": _float(0, low_open=True),
+    "lr": _float(0, low_open=True), "muon_lr": _float(0, low_open=True), "min_lr": _float(0),
+    "weight_decay": _float(0), "eps": _float(0, low_open=True),
     "grad_clip": _float(0, note="0 = off"), "beta1": _float(0, 1, high_open=True), "beta2": _float(0, 1, high_open=True),
     # fine-tuning
     "val_fraction": _float(0, 1, high_open=True), "seq_len": _int(0, note="0 = the context length"),

@@ -9,7 +9,7 @@ from gptlab.train.pretrain import TrainConfig, run_pretraining
 
 @command("train")
 def train_command(config: TrainConfig) -> int:
-    """Pretrain a model; no arguments: a small GPT-2 on python-docs, ~5 min on CPU.
+    """Pretrain a model; no arguments: a small GPT on python-docs for 5 minutes.
 
     Saves out_dir/final, best, last (--resume). All options: docs/training.md.
 

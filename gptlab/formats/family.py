@@ -251,12 +251,23 @@ def fixed(**values: Any) -> tuple[Fixed, ...]:
 
 
 # HF activation names -> ours; the first name listed for each of ours is the one written
-ACTIVATIONS = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "gelu_pytorch_tanh": "gelu_new",
+ACTIVATIONS = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "relu2": "relu2",
+               "gelu_pytorch_tanh": "gelu_new",
                "gelu_fast": "gelu_new", "swish": "silu"}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the family
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How llama.cpp names a family (gptlab/formats/gguf_export.py writes it): its `general.architecture`, and
+    for each of our weights (state-dict names, {i} the block) the GGUF tensor names. Two or three names split
+    the weight's rows: three are q, k and v (by heads), two are halves (a GLU's gate and up)."""
+
+    arch: str
+    tensors: tuple[tuple[str, tuple[str, ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -266,3 +277,4 @@ class Family:
     sequence_classifier: str  # transformers class of a sequence classifier (a score head on the last token)
     weights: tuple[WeightRow, ...]
     config: tuple[Codec, ...]
+    gguf: GGUFSpec | None = None  # llama.cpp's names, for `gptlab export --format gguf` (None: not supported)

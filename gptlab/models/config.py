@@ -17,7 +17,7 @@ from gptlab.errors import GptlabError
 
 Norm = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["mlp", "glu", "moe"]
-Activation = Literal["gelu_new", "gelu", "relu", "silu"]
+Activation = Literal["gelu_new", "gelu", "relu", "silu", "relu2"]
 Positions = Literal["learned", "rotary"]
 RopeScaling = Literal["default", "linear", "dynamic", "yarn"]
 
@@ -96,6 +96,7 @@ class Config:
     # training
     dropout: float = 0.0  # embedding, attention and residual dropout
     init_std: float = 0.02
+    zero_init_proj: bool = False  # residual projections start at zero (the speedrun's init), not GPT-2's scaled normal
 
     # special tokens (kept for generation and saving)
     bos_token_id: int | None = None

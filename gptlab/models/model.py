@@ -72,6 +72,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,  # exact erf form (GPT-NeoX)
     "relu": F.relu,
     "silu": F.silu,  # SwiGLU gate (Qwen)
+    "relu2": lambda x: F.relu(x).square(),  # ReLU squared (Primer; the modded-nanogpt speedrun)
 }
 
 
@@ -323,11 +324,13 @@ class GPT(nn.Module):
 
     def _init_scaled_projections(self) -> None:
         # GPT-2 paper, sec. 2.3: scale residual-branch output weights by 1/sqrt(number of residual layers)
+        # (zero_init_proj: every block starts as the identity, as in the modded-nanogpt speedrun)
         std = self.config.init_std / math.sqrt(2 * self.config.n_layer)
+        init = nn.init.zeros_ if self.config.zero_init_proj else (lambda w: nn.init.normal_(w, mean=0.0, std=std))
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
+            init(block.attn.proj.weight)
             if isinstance(block.mlp, MLP):
-                nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+                init(block.mlp.proj.weight)
 
     # ---- forward ----
     def forward(

@@ -151,11 +151,13 @@ def _sweep(base, budgets, sizes, out, seeds, per_budget, log):
 
 def default_base():
     """The sweep's default recipe: python-docs with a 512-token BPE, context 64, batch 16, AdamW 3e-3 with
-    cosine decay over each run, a final evaluation on 40 validation batches."""
+    cosine decay over each run, a final evaluation on 40 validation batches (pinned here, so that changes to
+    `gptlab train`'s own defaults leave the study as it was)."""
     from gptlab.train.pretrain import PretrainModel, TrainConfig
 
-    return TrainConfig(data="python-docs", vocab_size=512, model=PretrainModel(context_length=64),
-                       batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_batches=40, precision="fp32")
+    model = PretrainModel(context_length=64)
+    return TrainConfig(data="python-docs", vocab_size=512, model=model, batch_size=16, lr=3e-3, min_lr=3e-4,
+                       warmup_steps=20, eval_batches=40, precision="fp32", optimizer="adamw")
 
 
 def nearest_size(n_target: float, base, vocab: int) -> tuple[int, int, int]:

@@ -241,6 +241,10 @@ def finetune(model: str | nn.Module, config: FinetuneConfig, tokenizer=None) -> 
     out_dir/final, and with save_merged out_dir/merged (from best/ when it exists).
     """
     cfg = config
+    if cfg.fsdp and (cfg.method != "full" or cfg.task in ("dpo", "grpo", "distill")):
+        raise GptlabError(f"--fsdp shards full fine-tuning (--method full) of the supervised tasks; --method "
+                          f"{cfg.method} --task {cfg.task} keeps whole copies of the model (a frozen base, a reference "
+                          f"or a generator) that it does not shard: run it with DDP (no --fsdp)")
     device = pick_device(cfg.device)
     dist = init_distributed(device)
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ work (check_loop_config)."""
 
 from __future__ import annotations
 
+from gptlab.errors import GptlabError
 from gptlab.limits import check_fields
 
 RUN_ENTRIES = ("last", "best", "final", "merged", "metrics.jsonl", "tb")  # what a run writes in out_dir
@@ -11,13 +12,16 @@ RUN_ENTRIES = ("last", "best", "final", "merged", "metrics.jsonl", "tb")  # what
 
 LOOP_LIMITS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every", "eval_batches", "log_every",
                "save_every", "patience", "stop_at_step", "skip_nonfinite", "lr", "min_lr", "weight_decay", "eps",
-               "grad_clip", "beta1", "beta2")
+               "grad_clip", "beta1", "beta2", "muon_lr")
 
 
 def check_loop_config(cfg) -> None:
     """One clear error for a loop setting that would train nothing or train wrong (run before any work);
     the bounds are gptlab.limits.LIMITS, shared with the server and the other commands."""
     check_fields(cfg, LOOP_LIMITS)
+    if getattr(cfg, "optimizer", "adamw") == "muon" and getattr(cfg, "fsdp", False):
+        raise GptlabError("--optimizer muon cannot run with --fsdp: Muon orthogonalises whole matrices and FSDP "
+                          "keeps only a shard of each; use --optimizer adamw, or DDP (no --fsdp)")
     if getattr(cfg, "time_budget", ""):
         from gptlab.train.budget import parse_duration
 

@@ -63,9 +63,10 @@ from gptlab.models import stats
 from gptlab.train.guards import RUN_ENTRIES, check_loop_config
 from gptlab.train.losses import next_token_loss
 from gptlab.train.budget import Budget
+from gptlab.train import fsdp
 from gptlab.train.optim import lr_at, make_optimizer
-from gptlab.train.runtime import Dist, autocast_dtype, init_distributed, measure_peak_flops, pick_device, sync, unwrap
-from gptlab.train.savers import HFSaver
+from gptlab.train.runtime import Dist, autocast_dtype, compile_pays, init_distributed, measure_peak_flops, pick_device, sync, unwrap
+from gptlab.train.savers import HFSaver, load_optimizer, restore_rng
 
 
 def _add(sums: dict[str, torch.Tensor], more: list) -> None:
@@ -96,9 +97,12 @@ class LoopConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices
+    muon_lr: float = 0.02  # Muon's peak learning rate
     grad_clip: float = 1.0  # clip the gradient norm (0 = off)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast; auto = where it is fast
-    compile: bool = False  # torch.compile the model
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto: where it pays
+    fsdp: bool = False  # shard weights, grads, moments (FSDP2)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     seed: int = 1337  # init, data order and dropout
     eval_every: int = 100  # steps between evals (0 = at the end)
@@ -119,18 +123,6 @@ class LoopConfig:
 
 def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def _load_tensors(path: Path, device: torch.device):
-    """torch.load(weights_only=True) of a trainer state file, with one clear error naming it when it is missing,
-    truncated or not such a file."""
-    if not path.is_file():
-        raise GptlabError(f"{path} is missing; the checkpoint is incomplete")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for damaged files
-        raise GptlabError(f"{path} cannot be read ({type(e).__name__}): truncated or damaged; resume from "
-                          f"another checkpoint or start over with --overwrite") from None
 
 
 class BatchSource(Protocol):
@@ -182,7 +174,12 @@ class Trainer:
         check_loop_config(cfg)
         self.device = device or pick_device(cfg.device)
         self.dist = dist or init_distributed(self.device)
-        self.model = model.to(self.device)
+        self.fsdp_template = None  # with --fsdp over several processes: the model's weightless template (fsdp.py)
+        if cfg.fsdp and self.dist.world > 1:  # sharded first: only each process's shards move to the device
+            self.model = model
+            self.fsdp_template, parameters = fsdp.shard(model, parameters, self.device, self.dist.world)
+        else:
+            self.model = model.to(self.device)
         self.train_data, self.val_data = train_data, val_data
         self.tokenizer = tokenizer
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
@@ -195,12 +192,13 @@ class Trainer:
         self.find_unused_parameters = find_unused_parameters  # DDP: e.g. routed experts no token picked
         self._lock: RunLock | None = None
         self.params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, cfg, self.device)
+        self.optimizer = make_optimizer(self.params, cfg, self.device, model)
         self.step = 0  # optimizer steps taken
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
         self.best: float | None = None
         self.bad_evals = 0  # evaluations since the last new best (early stopping)
         self.history: list[dict[str, Any]] = []  # eval records of this session
+        self.train_s = 0.0  # seconds this session spent in optimizer steps (evaluations and saves left out)
         self.should_stop = False  # a callback may set this
         self._fwd = self._wrap(model)
         self._tb = None
@@ -209,10 +207,10 @@ class Trainer:
     # ---- setup ----
     def _wrap(self, model: nn.Module) -> nn.Module:
         fwd = model
-        if self.config.compile:
+        if compile_pays(self.config.compile, self.device, self.amp_dtype):
             fwd = torch.compile(fwd)
         self._eval_fwd = fwd  # evaluation needs no gradient sync, so it skips the DDP wrapper
-        if self.dist.world > 1:
+        if self.dist.world > 1 and self.fsdp_template is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -234,7 +232,7 @@ class Trainer:
         self.model.train()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
@@ -245,8 +243,7 @@ class Trainer:
             tokens += batch["input_ids"].numel()
             # DDP averages gradients only on the last micro-batch of the step
             last_micro = micro == cfg.grad_accum - 1 or dist.world == 1
-            ctx = contextlib.nullcontext() if last_micro else self._fwd.no_sync()
-            with ctx:
+            with self._gradient_sync(last_micro):
                 with self._autocast():
                     loss, n, *more = self.loss_fn(self._fwd, batch)
                 loss.backward()
@@ -266,6 +263,8 @@ class Trainer:
         # clip_grad_norm_ with an infinite bound measures without clipping: a non-finite loss or gradient must
         # stop the run before the optimizer writes it into the weights
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if self.fsdp_template is not None:
+            grad_norm = fsdp.full_value(grad_norm)
         loss_value = totals[0] / n_items
         if not (torch.isfinite(loss_value) and torch.isfinite(grad_norm)):
             what = "loss" if not torch.isfinite(loss_value) else "gradient norm"
@@ -287,6 +286,14 @@ class Trainer:
         self.step += 1
         return {"loss": (totals[0] / n_items).item(), "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": int(totals[2].item()), **{k: (totals[3 + i] / n_items).item() for i, k in enumerate(names)}}
+
+    def _gradient_sync(self, on: bool):
+        """Average gradients over processes on this micro-batch's backward, or (accumulating) not yet."""
+        if self.fsdp_template is not None:
+            self.model.set_requires_gradient_sync(on)
+        if on or self.dist.world == 1 or self.fsdp_template is not None:
+            return contextlib.nullcontext()
+        return self._fwd.no_sync()
 
     # ---- evaluation ----
     @torch.no_grad()
@@ -325,9 +332,11 @@ class Trainer:
         """Write out_dir/NAME atomically: the saver's files, then trainer/ state; renamed into place last."""
         dest = self.out_dir / name
         stage = self.out_dir / f".{name}.tmp-step{self.step}"
+        # --fsdp: every rank gathers the weights with rank 0, which writes them as an ordinary model
+        whole = unwrap(self.model) if self.fsdp_template is None else fsdp.full_replica(self.model, self.fsdp_template, self.dist.main)
         if self.dist.main:
             shutil.rmtree(stage, ignore_errors=True)
-            self.saver.save(unwrap(self.model), stage)
+            self.saver.save(whole, stage)
             if with_state:
                 (stage / "trainer").mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
@@ -337,10 +346,13 @@ class Trainer:
             if self.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             torch.save(rng, stage / "trainer" / f"rng-{self.dist.rank}.pt")
+            if self.fsdp_template is not None:  # each rank's pieces of the weights and moments
+                fsdp.save_shards(self.model, self.optimizer, stage / "trainer", self.dist.rank)
         self.dist.barrier()
         if self.dist.main:
-            if with_state:
+            if with_state and self.fsdp_template is None:
                 torch.save(self.optimizer.state_dict(), stage / "trainer" / "optimizer.pt")
+            if with_state:
                 state = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals,
                          "skipped_steps": self.skipped_steps,
                          "world": self.dist.world, "config": dataclasses.asdict(self.config)}
@@ -370,20 +382,12 @@ class Trainer:
         if state.get("world", 1) != self.dist.world:
             raise GptlabError(f"{path} was written by {state['world']} processes; resume with the same number "
                               f"(this run has {self.dist.world})")
-        self.saver.load(unwrap(self.model), path)
-        # weights_only=True: optimizer state and RNG states are plain tensors and numbers, never pickled objects
-        opt = _load_tensors(path / "trainer" / "optimizer.pt", self.device)
-        try:
-            self.optimizer.load_state_dict(opt)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise GptlabError(f"{path / 'trainer' / 'optimizer.pt'} does not fit this run's optimizer: {e}") from None
-        rng_file = path / "trainer" / f"rng-{self.dist.rank}.pt"
-        rng = _load_tensors(rng_file, torch.device("cpu"))
-        if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
-            raise GptlabError(f"{rng_file} holds no CPU generator state; the checkpoint is damaged")
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.fsdp_template is not None:
+            fsdp.load_shards(self.model, self.optimizer, path / "trainer", self.dist.rank)
+        else:
+            self.saver.load(unwrap(self.model), path)
+            load_optimizer(self.optimizer, path / "trainer" / "optimizer.pt", self.device)
+        restore_rng(path / "trainer" / f"rng-{self.dist.rank}.pt", self.device)
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         skipped = state.get("skipped_steps", 0)
         self.skipped_steps = skipped if isinstance(skipped, int) and not isinstance(skipped, bool) else 0
@@ -473,7 +477,7 @@ class Trainer:
         metrics = self.evaluate()
         if not metrics:
             return metrics
-        record = {"step": self.step, **metrics}
+        record = {"step": self.step, **metrics, "train_s": round(self.train_s, 3)}  # time to loss, evals left out
         self._log(record)
         self.history.append(record)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "val_ppl")
@@ -536,7 +540,9 @@ class Trainer:
         save_due = cfg.save_every or eval_due
         try:
             while self.step < cfg.max_steps and not self.should_stop:
+                t_step = time.perf_counter()
                 m = self.train_step()
+                self.train_s += time.perf_counter() - t_step
                 if budget is not None and budget.after_step(self):
                     cfg = self.config
                     eval_due = cfg.eval_every or cfg.max_steps
@@ -558,7 +564,8 @@ class Trainer:
                         post["mfu"] = f"{100 * m['mfu']:.1f}%"
                     bar.set_postfix(post, refresh=False)
                     if not show_bar:
-                        self._print(None, f"step {self.step}/{cfg.max_steps}: loss {m['loss']:.4f}  "
+                        total = cfg.max_steps if cfg.max_steps < 10**9 else "?"  # ?: a time budget still measuring
+                        self._print(None, f"step {self.step}/{total}: loss {m['loss']:.4f}  "
                                           f"lr {m['lr']:.2e}  {tps:,.0f} tok/s")
                 last_metrics = m
                 self._emit("step", {"step": self.step, **m})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -33,9 +33,11 @@ class PretrainModel(Config):
     cores. Being its own class, a recipe's `model:` section (or --model.n_layer=6) changes only what it names
     and keeps these defaults for the rest.
 
-    1.3M parameters (half of them the 4096 x 128 tied embedding); at ~6-7k tokens/s on 2 cores, 750 steps of
-    16 x 128 tokens (1.5M tokens, ~3 passes over python-docs) fit the budget. At this budget many small steps
-    beat fewer large ones: batch 16 x 800 steps reached 1.98 val bpb, 32 x 400 steps 2.09.
+    1.3M parameters (half of them the 4096 x 128 tied embedding). The run has a 5-minute time budget (no
+    --max-steps), so it takes as many steps of 16 x 128 tokens as the machine allows: ~700 with Muon on 2 AVX2
+    cores. At such budgets small models and many small steps win: 6 x 192 and context 256 x batch 8 both
+    reached a worse val bpb in 4 minutes (docs/training.md, "The speedrun recipe"); so did batch 32 x 400
+    steps against 16 x 800.
     """
 
     GROUP: ClassVar[str] = "model (every Config field as --model.FIELD; docs/models.md lists them)"
@@ -74,12 +76,16 @@ class TrainConfig(LoopConfig):
     sample_tokens: int = 120  # tokens in the closing sample
     max_flops: float = 0.0  # FLOPs budget; sets max_steps (0 = off)
     out_dir: str = "out/python-docs"
-    max_steps: int = 750
+    max_steps: int = 0  # optimizer steps (0 = set by the time budget)
     batch_size: int = 16
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 30
     eval_every: int = 150
+    optimizer: Literal["adamw", "muon"] = "muon"
+
+DEFAULT_BUDGET = "5m"  # the training time of a run given neither --max-steps, --time-budget nor --max-flops
+
 
 def _model_config(cfg: TrainConfig, vocab_size: int) -> Config:
     if cfg.preset:
@@ -110,6 +116,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> GPT:
 
 def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
     """Everything `gptlab train` does: prepare data (cached), build the model, train, save final/, sample."""
+    if not cfg.max_steps:  # no step count: a time budget decides (five minutes unless given), or --max-flops
+        budget = cfg.time_budget or ("" if cfg.max_flops else DEFAULT_BUDGET)
+        cfg = dataclasses.replace(cfg, max_steps=10**9, time_budget=budget)
     device = pick_device(cfg.device)
     dist = init_distributed(device)
     t0 = time.perf_counter()
@@ -157,7 +166,8 @@ def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
         print(f"saved {final} ({result['wall_s']:.0f} s"
               + (f", val bits per byte {bpb:.3f}" if bpb is not None else "") + ")", flush=True)
         if cfg.sample_prompt and cfg.sample_tokens > 0:
-            print_sample(unwrap(model), tok, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
+            sampler = unwrap(model) if trainer.fsdp_template is None else hf.load(final)  # --fsdp: rank 0 has a shard
+            print_sample(sampler, tok, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
     return result
 
 

@@ -7,6 +7,7 @@ and nccl on GPU, and gradients are averaged by DistributedDataParallel.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -58,6 +59,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or bf16_is_fast(device):
         return torch.bfloat16
     return None
+
+
+def compile_pays(choice: str, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """LoopConfig.compile: "on" / "off" as said; "auto" compiles where it was measured to pay for its compile
+    time: on CUDA, and on CPUs training in bf16 (inductor's fused bf16 kernels; docs/training.md has the
+    figures). On a CPU in fp32 it bought 1.05x after 55 s of compiling (2 AVX2 cores), and it needs a C++
+    compiler."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and amp_dtype is torch.bfloat16 and shutil.which("c++") is not None
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:

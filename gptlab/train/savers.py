@@ -81,3 +81,34 @@ class ClassifierSaver:
         loaded, _ = hf.load_classifier(path, dtype=p.dtype, device=p.device)
         with torch.no_grad():
             model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+# ---- the trainer's own state files (trainer/ in a checkpoint) ----
+def load_state_file(path: Path, device: torch.device):
+    """torch.load(weights_only=True) of a trainer state file, with one clear error naming it when it is missing,
+    truncated or not such a file."""
+    if not path.is_file():
+        raise GptlabError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for damaged files
+        raise GptlabError(f"{path} cannot be read ({type(e).__name__}): truncated or damaged; resume from "
+                          f"another checkpoint or start over with --overwrite") from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, device: torch.device) -> None:
+    # weights_only=True: optimizer state and RNG are plain tensors and numbers, never pickled objects
+    try:
+        optimizer.load_state_dict(load_state_file(path, device))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise GptlabError(f"{path} does not fit this run's optimizer: {e}") from None
+
+
+def restore_rng(path: Path, device: torch.device) -> None:
+    """Put back a process's generator states (its dropout stream), saved as rng-<rank>.pt."""
+    rng = load_state_file(path, torch.device("cpu"))
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
+        raise GptlabError(f"{path} holds no CPU generator state; the checkpoint is damaged")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)

@@ -37,6 +37,7 @@ CASES = [
     ("gpt_neox", dict()),
     ("gpt_neox", dict(use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu_new", tie_word_embeddings=True)),
     ("gpt_neox", dict(num_attention_heads=2, rotary_pct=1.0, attention_bias=False)),
+    ("gpt_neox", dict(use_parallel_residual=False, rotary_pct=1.0, attention_bias=False, hidden_act="relu2")),  # speedrun
     ("gpt_neox", dict(max_position_embeddings=16, rope_scaling={"rope_type": "linear", "factor": 3.0})),
     ("gpt_neox", dict(max_position_embeddings=16, rotary_pct=0.5, rope_scaling={"rope_type": "yarn", "factor": 4.0})),
     ("qwen2", dict()),

@@ -259,7 +259,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(pydocs, 
 # it learns
 
 
-def test_training_beats_the_unigram_entropy_on_python_docs(pydocs, tmp_path):
+def test_training_beats_the_unigram_entropy_on_python_docs(pydocs, tmp_path, tiny_tokenizer):
     """300 steps of 16 x 64 tokens (~300k tokens, ~15 s on one core) with a 2-layer, 64-wide model.
 
     The unigram entropy is the loss of the best model that ignores context; a model that learned to use
@@ -280,6 +280,19 @@ def test_training_beats_the_unigram_entropy_on_python_docs(pydocs, tmp_path):
     after = trainer.fit()["val_loss"]
     assert before > unigram  # random init is worse than unigram statistics
     assert after < unigram - 1.0, (after, unigram)
+
+    # the trained model's perplexity with integer weights, as `gptlab eval --quantize` measures it
+    import gptlab
+    from gptlab.eval.tasks import evaluate
+
+    gptlab.save(model, tmp_path / "model", tokenizer=tiny_tokenizer)
+    val = TokenWindows(pydocs, "val", 64, 1, shuffle=False)
+    text = tmp_path / "val.txt"
+    text.write_text(tiny_tokenizer.decode([int(t) for t in np.concatenate([np.asarray(s) for s in val.shards])]))
+    ppl = {q: evaluate(str(tmp_path / "model"), "perplexity", str(text), quantize=q, progress=False,
+                       window=[64]).metrics["token_perplexity"] for q in (None, "int8", "int4")}
+    assert abs(ppl["int8"] / ppl[None] - 1) < 0.01, ppl
+    assert abs(ppl["int4"] / ppl[None] - 1) < 0.05, ppl
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,7 +333,8 @@ def test_recipes_are_valid_train_configs():
     from gptlab.recipe import load_recipe
     from gptlab.train.pretrain import TrainConfig
 
-    recipes = sorted((HERE.parents[1] / "recipes").glob("pretrain-*.yaml"))
+    recipes = sorted((HERE.parents[1] / "recipes").glob("pretrain-*.yaml")) + [HERE.parents[1] / "recipes" /
+                                                                                "speedrun-python-docs.yaml"]
     assert recipes
     for path in recipes:
         load_recipe(TrainConfig, path, {})
