@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from gptlab.cli import command
 from gptlab.errors import GptlabError
@@ -51,6 +51,7 @@ def chat(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     dtype: str | None = None,
+    quantize: Literal["int8", "int4"] | None = None,
     device: str = "cpu",
 ) -> int:
     """Chat with a model in the terminal, streaming its replies.
@@ -70,6 +71,7 @@ def chat(
         repetition_penalty: >1 discourages tokens already in the text.
         seed: random seed for sampling (each reply uses it afresh).
         dtype: float32, bfloat16 or float16 (default: the checkpoint's).
+        quantize: int8 or int4: integer weights, faster CPU decode (default: none).
         device: cpu, cuda, mps ...
     """
     args = _template_args(template_arg or [])
@@ -80,7 +82,7 @@ def chat(
 
     Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              repetition_penalty=repetition_penalty, seed=seed)  # bad values fail before the weights load
-    m = hf.load(model, dtype=dtype, device=device)
+    m = hf.load(model, dtype=dtype, device=device, quantize=quantize)
     conversation = Chat(m, tok, system=system, plain=plain, template_args=args, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                         seed=seed)

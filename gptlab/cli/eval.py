@@ -23,7 +23,7 @@ _GROUPS = {
     "perplexity": ("window", "stride", "detokenize"),
     "prompts (multiple_choice, classification, qa)": ("num_fewshot", "fewshot_data", "seed", "labels", "template"),
     "qa generation": ("max_new_tokens", "stop", "strip_think", "chat"),
-    "model": ("dtype", "device"),
+    "model": ("dtype", "quantize", "device"),
 }
 
 
@@ -49,6 +49,7 @@ def eval_command(
     strip_think: bool = False,
     chat: bool = False,
     dtype: str | None = None,
+    quantize: Literal["int8", "int4"] | None = None,
     device: str | None = None,
 ) -> int:
     """Evaluate a model: perplexity, LAMBADA, multiple choice, QA or classification.
@@ -81,6 +82,7 @@ def eval_command(
         strip_think: drop <think>...</think> before scoring
         chat: wrap questions in the chat template
         dtype: float32, bfloat16, float16 (default: checkpoint's)
+        quantize: int8 or int4 integer weights (default: none)
         device: cpu, cuda, ... (default: cpu)
     """
     if task is None:
@@ -94,7 +96,7 @@ def eval_command(
                    template=template and _unescape(template), max_new_tokens=max_new_tokens,
                    stop=None if stop is None else [_unescape(s) for s in stop], strip_think=strip_think, chat=chat)
     result = evaluate(model, task, data, limit=limit, batch_size=batch_size, dtype=dtype, device=device,
-                      progress=progress, **options)
+                      quantize=quantize, progress=progress, **options)
     print(result.table())
     if out is not None:
         result.save(out)

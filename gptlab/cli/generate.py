@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 from gptlab.cli import command
 from gptlab.errors import GptlabError
@@ -34,6 +35,9 @@ def generate_command(
     echo: bool = True,
     truncate: bool = False,
     dtype: str | None = None,
+    quantize: Literal["int8", "int4"] | None = None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
     device: str = "cpu",
 ) -> int:
     """Generate text from a model dir (or hub id).
@@ -61,13 +65,22 @@ def generate_command(
         echo: print the prompt before its continuation.
         truncate: keep only the last prompt tokens that fit the context instead of failing.
         dtype: float32, bfloat16 or float16 (default: the checkpoint's).
+        quantize: int8 or int4: integer weights, faster CPU decode (default: none).
+        draft: a small model dir of the same tokenizer: speculative decoding (the same output distribution).
+        draft_tokens: tokens the draft proposes per round.
         device: cpu, cuda, mps ...
     """
     prompts = prompt or [""]
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     check("num_samples", num_samples)
-    m = hf.load(model, dtype=dtype, device=device)
+    m = hf.load(model, dtype=dtype, device=device, quantize=quantize)
     tok = load_tokenizer(model)
+    if draft is not None:
+        return _speculative(m, tok, prompts, draft, draft_tokens, num_samples, echo, stream, dtype, device,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, unsupported=dict(stop=stop, repetition_penalty=repetition_penalty != 1.0,
+                                                        no_repeat_ngram_size=no_repeat_ngram_size,
+                                                        constraint=(json_schema, regex, choice, grammar) != (None,) * 4))
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
               stop=stop or [], seed=seed, truncate=truncate, constraint=_constraint(json_schema, regex, choice, grammar))
@@ -87,6 +100,29 @@ def generate_command(
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print((p if echo else "") + out)
+    return 0
+
+
+def _speculative(m, tok, prompts, draft, k, num_samples, echo, stream, dtype, device, unsupported, **kw) -> int:
+    """--draft: one prompt at a time through gptlab.infer.speculative (plain temperature / top-k / top-p)."""
+    from gptlab.infer.speculative import speculative_generate
+    from gptlab.infer.text import stop_ids
+
+    given = [k.replace("_", "-") for k, v in unsupported.items() if v]
+    if given or num_samples > 1 or stream:
+        what = given + (["num-samples"] if num_samples > 1 else []) + (["stream"] if stream else [])
+        raise GptlabError(f"--draft decodes plain samples of one sequence; drop --{', --'.join(what)}")
+    d = hf.load(draft, dtype=dtype, device=device)
+    if tok.vocab_size > d.config.vocab_size or load_tokenizer(draft).encode("The with") != tok.encode("The with"):
+        raise GptlabError(f"--draft {draft} does not share the model's tokenizer")
+    eos = sorted(stop_ids(m.config, None, tok))
+    for prompt in prompts:
+        ids = tok.encode(prompt) or [eos[0] if eos else 0]
+        out = speculative_generate(m, d, ids, k=k, eos_ids=tuple(eos), **kw)
+        text = tok.decode([t for t in out.token_ids if t not in eos])
+        print((prompt if echo else "") + text)
+        print(f"[draft: {out.accepted}/{out.proposed} proposals accepted ({100 * out.acceptance:.0f}%), "
+              f"{out.rounds} target passes for {len(out.token_ids)} tokens]", file=sys.stderr)
     return 0
 
 

@@ -60,6 +60,7 @@ def evaluate(
     batch_size: int = 16,
     dtype: str | None = None,
     device: str | None = None,
+    quantize: str | None = None,
     progress: bool = True,
     **options: Any,
 ) -> EvalResult:
@@ -106,10 +107,13 @@ def evaluate(
 
         model_name = str(model)
         tokenizer = tokenizer or load_tokenizer(model)
-        model = hf.load(model, dtype=dtype, device=device)
+        model = hf.load(model, dtype=dtype, device=device, quantize=quantize)
     else:
         if tokenizer is None:
             raise GptlabError("pass tokenizer= along with a loaded model")
+        if quantize:
+            raise GptlabError("quantize= applies to a model path; quantize a loaded model with "
+                              "gptlab.models.quant.quantize(model, kind)")
         model_name = getattr(model, "source", type(model).__name__)
     model.eval()
     record = {"model": model_name, "task": task, "data": source, "limit": limit, "batch_size": batch_size}

@@ -95,12 +95,20 @@ def load(
     path_or_id: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    quantize: str | None = None,
 ):
     """Load an HF-format model dir (or hub id) into a gptlab `GPT`, in eval mode.
 
     dtype: None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, fp32 when absent).
+    quantize: "int8" or "int4" turns the linear layers' weights into integers for inference
+    (gptlab/models/quant.py); activations keep `dtype`.
     """
-    return load_with_extras(path_or_id, dtype, device)[0]
+    model = load_with_extras(path_or_id, dtype, device)[0]
+    if quantize:
+        from gptlab.models.quant import quantize as to_integers
+
+        to_integers(model, quantize)
+    return model
 
 
 def load_with_extras(

@@ -15,6 +15,9 @@ about half the machine's read bandwidth; gptlab picks, per call:
   row count, where it beats the default path too.
 - otherwise None: the caller uses F.linear.
 
+`quant.c` (AVX2 + FMA) does the same few-row products for int8 / int4 weights (gptlab/models/quant.py,
+`quant_linear`); `attention.c` reads decode attention in place from the paged KV cache.
+
 `GPTLAB_KERNELS=0` turns all of this off (plain F.linear everywhere). `status()` says what is in use and
 why; `gptlab info` prints it. bench/bench_inference.py measures the effect against transformers.
 """
@@ -100,6 +103,36 @@ def _gemv() -> ctypes.CDLL | None:
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
             fn.restype = None
     return cdll
+
+
+@functools.cache
+def _quant() -> ctypes.CDLL | None:
+    cdll = _build("quant")
+    if cdll is not None:
+        for fn in (cdll.gptlab_linear_q8, cdll.gptlab_linear_q4):
+            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+            fn.restype = None
+    return cdll
+
+
+QUANT_MAX_ROWS = 16  # rows quant.c takes (each reads the weights once more); past that, dequantize + GEMM wins
+
+
+def quant_linear(x: torch.Tensor, kind: str, q: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ dequant(q, scales).T + bias by quant.c (int8 / int4 weights), or None where it does not run here."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or not 0 < rows <= QUANT_MAX_ROWS or (lib := _quant()) is None:
+        return None
+    N = q.shape[0]
+    K = x.shape[-1]
+    xf = x.float().contiguous()
+    bf = None if bias is None else bias.float().contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    fn = lib.gptlab_linear_q8 if kind == "int8" else lib.gptlab_linear_q4
+    fn(xf.data_ptr(), q.data_ptr(), scales.data_ptr(), None if bf is None else bf.data_ptr(), y.data_ptr(),
+       rows, N, K)
+    return y.to(x.dtype)
 
 
 @functools.cache
@@ -200,6 +233,7 @@ def status() -> dict[str, str]:
                  + (f"up to {MAX_ROWS} rows)" if _native_bf16() else "at any row count: this CPU has no bf16 arithmetic)"))
         if _gemv() else _why_not["gemv"],
         "onednn": "in use (fp32, up to %d rows and vocabulary heads)" % ONEDNN_MAX_ROWS if _onednn() else _why_not["onednn"],
+        "quant": f"in use (AVX2; int8 / int4 weights, up to {QUANT_MAX_ROWS} rows)" if _quant() else _why_not["quant"],
     }
 
 

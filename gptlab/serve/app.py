@@ -56,6 +56,7 @@ class ServeConfig:
     max_waiting: int = 256  # queued requests beyond the batch; more get 503
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
     dtype: str | None = None
+    quantize: str | None = None  # int8 / int4 integer weights (gptlab/models/quant.py)
     device: str = "cpu"
     lora: dict[str, str] = field(default_factory=dict)  # {served name: PEFT adapter dir}, beside the base
 
@@ -82,7 +83,7 @@ class State:
 
         try:
             tokenizer = load_tokenizer(self.cfg.model)
-            model = hf.load(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device)
+            model = hf.load(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device, quantize=self.cfg.quantize)
             self.start(model, tokenizer)
         except Exception as e:  # the thread must not die silently: report it, and /health says so
             self.load_error = str(e) if isinstance(e, GptlabError) else f"could not load {self.cfg.model}: {reason(e)}"
