@@ -17,7 +17,7 @@ from typing import Any
 from gptlab.errors import GptlabError
 
 # the command modules, in `gptlab --help` order
-COMMAND_MODULES = ["generate", "info", "data", "train", "eval", "chat", "serve", "scale", "compare", "synth"]
+COMMAND_MODULES = ["generate", "info", "data", "train", "eval", "chat", "serve", "export", "scale", "compare", "synth"]
 
 COMMANDS: dict[str, Callable[..., Any]] = {}
 

@@ -83,3 +83,17 @@ def test_bad_requests_are_refused():
         speculative_generate(target, target, [1] * 90, max_new_tokens=10)
     with pytest.raises(GptlabError, match="prompt"):
         speculative_generate(target, target, [], max_new_tokens=4)
+
+
+def test_generate_command_with_a_draft(tiny_gpt2_dir, capsys):
+    from gptlab import cli
+
+    args = ["generate", str(tiny_gpt2_dir), "--prompt", "The with", "--max-new-tokens", "8", "--temperature", "0"]
+    assert cli.main(args + ["--draft", str(tiny_gpt2_dir), "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("The with") and "8/8 proposals accepted (100%)" not in out.err  # 7 proposed at most
+    assert "proposals accepted" in out.err
+    assert cli.main(args + ["--draft", str(tiny_gpt2_dir), "--stream"]) == 1
+    assert "drop --stream" in capsys.readouterr().err
+    assert cli.main(args + ["--quantize", "int8"]) == 0  # integer weights through the same command
+    assert capsys.readouterr().out.startswith("The with")

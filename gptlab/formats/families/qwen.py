@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from gptlab.errors import GptlabError
-from gptlab.formats.family import ACTIVATIONS, Codec, Family, Fixed, HFConfig, Key, Rope, WeightRow, fixed, keys, weight_and_bias
+from gptlab.formats.family import (ACTIVATIONS, Codec, Family, Fixed, GGUFSpec, HFConfig, Key, Rope, WeightRow, fixed,
+                                  keys, weight_and_bias)
 from gptlab.models.config import Config
 
 
@@ -102,9 +103,26 @@ def _config(qwen3: bool, experts: Codec | None) -> tuple[Codec, ...]:
     )
 
 
+def _gguf(arch: str) -> GGUFSpec:
+    """llama.cpp's qwen2 / qwen3 names (dense models; its MoE layouts are not written)."""
+    b = "blk.{i}"
+    rows = [("wte.weight", ("token_embd.weight",)), ("blocks.{i}.norm_1.weight", (f"{b}.attn_norm.weight",)),
+            ("blocks.{i}.attn.qkv.weight", (f"{b}.attn_q.weight", f"{b}.attn_k.weight", f"{b}.attn_v.weight")),
+            ("blocks.{i}.attn.qkv.bias", (f"{b}.attn_q.bias", f"{b}.attn_k.bias", f"{b}.attn_v.bias")),
+            ("blocks.{i}.attn.proj.weight", (f"{b}.attn_output.weight",)),
+            ("blocks.{i}.attn.proj.bias", (f"{b}.attn_output.bias",)),
+            ("blocks.{i}.attn.q_norm.weight", (f"{b}.attn_q_norm.weight",)),
+            ("blocks.{i}.attn.k_norm.weight", (f"{b}.attn_k_norm.weight",)),
+            ("blocks.{i}.norm_2.weight", (f"{b}.ffn_norm.weight",)),
+            ("blocks.{i}.mlp.fc.weight", (f"{b}.ffn_gate.weight", f"{b}.ffn_up.weight")),
+            ("blocks.{i}.mlp.proj.weight", (f"{b}.ffn_down.weight",)),
+            ("norm_f.weight", ("output_norm.weight",)), ("lm_head.weight", ("output.weight",))]
+    return GGUFSpec(arch, tuple(rows))
+
+
 FAMILIES = [
     Family(model_type, causal_lm=f"{name}ForCausalLM", sequence_classifier=f"{name}ForSequenceClassification",
-           weights=_weights(), config=_config(qwen3, experts))
+           weights=_weights(), config=_config(qwen3, experts), gguf=None if experts else _gguf(model_type))
     for model_type, name, qwen3, experts in (
         ("qwen2", "Qwen2", False, None),
         ("qwen3", "Qwen3", True, None),
