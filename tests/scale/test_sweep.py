@@ -12,7 +12,7 @@ from gptlab.models import stats
 from gptlab.scale import sweep as sw
 from gptlab.scale.runs import read_runs
 from gptlab.train.pretrain import PretrainModel, TrainConfig, run_pretraining
-from tests.train.test_train import pydocs  # noqa: F401  (the fixture)
+from tests.train.conftest import pydocs  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

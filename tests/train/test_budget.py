@@ -9,7 +9,7 @@ import pytest
 
 from gptlab.errors import GptlabError
 from gptlab.train.budget import budget_steps, parse_duration
-from tests.train.test_train import pydocs, tiny_model  # noqa: F401 - pydocs is a fixture
+from tests.train.test_train import tiny_model
 
 
 def make_trainer(data, out, **kw):
@@ -46,7 +46,7 @@ def test_steps_leave_room_for_evaluations_and_saves():
     assert budget_steps(5, 10, 10, 0.1, 0, 0.0, 0, 0.0) == 10  # already over: stop now
 
 
-def test_a_small_budget_ends_within_5_percent(tmp_path, pydocs):  # noqa: F811
+def test_a_small_budget_ends_within_5_percent(tmp_path, pydocs):
     trainer = make_trainer(pydocs, tmp_path / "run", time_budget="12s", save_every=0, eval_every=100,
                            warmup_steps=10)
     t = time.perf_counter()
@@ -60,7 +60,7 @@ def test_a_small_budget_ends_within_5_percent(tmp_path, pydocs):  # noqa: F811
     assert state["config"]["max_steps"] == chosen and state["config"]["time_budget"] == "12s"
 
 
-def test_resume_keeps_the_schedule_it_chose(tmp_path, pydocs):  # noqa: F811
+def test_resume_keeps_the_schedule_it_chose(tmp_path, pydocs):
     first = make_trainer(pydocs, tmp_path / "run", time_budget="4s", save_every=0, eval_every=0, stop_at_step=15)
     first.fit()
     chosen = first.config.max_steps

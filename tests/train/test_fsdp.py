@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptlab.data.shards import prepare
 from gptlab.errors import GptlabError
 from gptlab.train.loop import LoopConfig
 from tests.train.test_train import losses, make_trainer
@@ -19,11 +18,6 @@ from tests.train.test_train import losses, make_trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pydocs(tmp_path_factory, tiny_tokenizer) -> Path:
-    out = tmp_path_factory.mktemp("pydocs") / "data"
-    prepare("python-docs", tiny_tokenizer, out, val_fraction=0.01, show_progress=False)
-    return out
 
 
 def _worker(rank: int, port: int, data: str, out: str) -> None:

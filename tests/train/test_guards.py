@@ -8,10 +8,9 @@ import torch
 
 from gptlab import cli
 from tests.cli.test_cli import assert_one_line_error, run
-from tests.train.test_train import pydocs  # noqa: F401  (the fixture)
 
 
-def _recipe(tmp_path, pydocs, **extra):  # noqa: F811
+def _recipe(tmp_path, pydocs, **extra):
     fields = {"data": pydocs, "out_dir": tmp_path / "run", "max_steps": 6, "batch_size": 4, "warmup_steps": 0,
               "eval_every": 3, "eval_batches": 2, "sample_tokens": 4, "precision": "fp32", **extra}
     text = "".join(f"{k}: {v}\n" for k, v in fields.items())
@@ -29,13 +28,13 @@ def _recipe(tmp_path, pydocs, **extra):  # noqa: F811
     ("--beta2", "1.5", "beta2 must be a finite number in [0, 1)"),
     ("--grad-clip", "inf", "grad-clip must be a finite number >= 0"),
 ])
-def test_settings_that_train_nothing_are_refused_before_any_work(capsys, tmp_path, pydocs, option, value, says):  # noqa: F811
+def test_settings_that_train_nothing_are_refused_before_any_work(capsys, tmp_path, pydocs, option, value, says):
     code, _, err = run(capsys, "train", _recipe(tmp_path, pydocs), option, value)
     assert_one_line_error(code, err, says)
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_a_diverging_run_stops_and_saves_no_nan_weights(capsys, tmp_path, pydocs):  # noqa: F811
+def test_a_diverging_run_stops_and_saves_no_nan_weights(capsys, tmp_path, pydocs):
     import gptlab
 
     recipe = _recipe(tmp_path, pydocs, max_steps=40, eval_every=2, lr=1e30, min_lr=0, grad_clip=0)
@@ -56,11 +55,11 @@ def test_generate_refuses_values_that_sample_wrong(capsys, tiny_gpt2_dir, args, 
     assert_one_line_error(code, err, says)
 
 
-def test_the_cli_entry_returns_nonzero_not_a_traceback(tmp_path, pydocs):  # noqa: F811
+def test_the_cli_entry_returns_nonzero_not_a_traceback(tmp_path, pydocs):
     assert cli.main(["train", _recipe(tmp_path, pydocs), "--grad-accum", "0"]) != 0
 
 
-def test_a_finished_run_is_not_replaced_without_overwrite(capsys, tmp_path, pydocs):  # noqa: F811
+def test_a_finished_run_is_not_replaced_without_overwrite(capsys, tmp_path, pydocs):
     recipe = _recipe(tmp_path, pydocs, max_steps=2, eval_every=0)
     assert run(capsys, "train", recipe)[0] == 0
     final = tmp_path / "run" / "final" / "model.safetensors"
@@ -72,7 +71,7 @@ def test_a_finished_run_is_not_replaced_without_overwrite(capsys, tmp_path, pydo
     assert final.read_bytes() != before
 
 
-def test_an_out_dir_of_user_files_is_refused(capsys, tmp_path, pydocs):  # noqa: F811
+def test_an_out_dir_of_user_files_is_refused(capsys, tmp_path, pydocs):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "train", _recipe(tmp_path, pydocs, max_steps=2))
@@ -80,7 +79,7 @@ def test_an_out_dir_of_user_files_is_refused(capsys, tmp_path, pydocs):  # noqa:
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
-def test_a_second_writer_is_refused_at_once_and_a_stale_lock_taken_over(capsys, tmp_path, pydocs):  # noqa: F811
+def test_a_second_writer_is_refused_at_once_and_a_stale_lock_taken_over(capsys, tmp_path, pydocs):
     import json
     import socket
     import subprocess
@@ -144,7 +143,7 @@ def test_truncate_cannot_make_room_that_max_new_tokens_took(capsys, tiny_gpt2_di
     assert_one_line_error(code, err, "leaves no room for the prompt", "at most 127 new tokens")
 
 
-def test_the_closing_sample_fits_a_short_context(capsys, tmp_path, pydocs):  # noqa: F811
+def test_the_closing_sample_fits_a_short_context(capsys, tmp_path, pydocs):
     recipe = _recipe(tmp_path, pydocs, max_steps=2, eval_every=0, sample_tokens=120)  # context 32
     code, out, err = run(capsys, "train", recipe)
     assert code == 0, err
@@ -165,7 +164,7 @@ def test_info_flags_a_tokenizer_bigger_than_the_model(capsys, tmp_path, tiny_tok
     ("step", "'step' is missing or not a number"),
     ("rng-0.pt", "rng-0.pt is missing"),
 ])
-def test_a_damaged_checkpoint_is_named_file_by_file(capsys, tmp_path, pydocs, damage, says):  # noqa: F811
+def test_a_damaged_checkpoint_is_named_file_by_file(capsys, tmp_path, pydocs, damage, says):
     import json
 
     recipe = _recipe(tmp_path, pydocs, max_steps=4, eval_every=2)
@@ -242,7 +241,7 @@ def test_non_finite_steps_are_skipped_up_to_the_limit_then_stop(tmp_path, capsys
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_two_processes_on_one_out_dir_the_second_refused_at_once_the_first_unaffected(tmp_path, pydocs):  # noqa: F811
+def test_two_processes_on_one_out_dir_the_second_refused_at_once_the_first_unaffected(tmp_path, pydocs):
     """Real processes: B is refused while A trains; A goes on; A SIGKILLed leaves a stale lock that a
     --resume takes over, continuing A's run from its last checkpoint."""
     import json
@@ -289,7 +288,7 @@ def test_two_processes_on_one_out_dir_the_second_refused_at_once_the_first_unaff
     assert (run_dir / "final").is_dir() and not (run_dir / ".gptlab.lock").exists()
 
 
-def test_an_existing_run_dir_keeps_its_permissions(capsys, tmp_path, pydocs):  # noqa: F811
+def test_an_existing_run_dir_keeps_its_permissions(capsys, tmp_path, pydocs):
     import os
     import stat
 

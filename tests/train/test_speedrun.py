@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.data.shards import prepare
 from gptlab.models.config import Config
 from gptlab.models.model import GPT
 from gptlab.train.loop import LoopConfig
@@ -21,11 +20,6 @@ from tests.train.test_train import losses, make_trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pydocs(tmp_path_factory, tiny_tokenizer) -> Path:
-    out = tmp_path_factory.mktemp("pydocs") / "data"
-    prepare("python-docs", tiny_tokenizer, out, val_fraction=0.01, show_progress=False)
-    return out
 
 
 @pytest.mark.parametrize("shape", [(64, 24), (24, 64), (33, 33)])

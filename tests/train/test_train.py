@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from gptlab import cli
 from gptlab.models.config import Config
-from gptlab.data.shards import TokenWindows, prepare, read_manifest
+from gptlab.data.shards import TokenWindows, read_manifest
 from gptlab.models.model import GPT
 from gptlab.train.loop import LoopConfig, Trainer
 from gptlab.train.optim import lr_at, make_optimizer
@@ -31,12 +31,6 @@ HERE = Path(__file__).parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
-@pytest.fixture(scope="module")
-def pydocs(tmp_path_factory, tiny_tokenizer) -> Path:
-    """python-docs (the embedded corpus) tokenized with the 512-id test tokenizer."""
-    out = tmp_path_factory.mktemp("pydocs") / "data"
-    prepare("python-docs", tiny_tokenizer, out, val_fraction=0.01, show_progress=False)
-    return out
 
 
 def tiny_model(vocab: int, seed: int = 0, dropout: float = 0.1) -> GPT:
