@@ -78,9 +78,10 @@ def generate_command(
     if draft is not None:
         return _speculative(m, tok, prompts, draft, draft_tokens, num_samples, echo, stream, dtype, device,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, unsupported=dict(stop=stop, repetition_penalty=repetition_penalty != 1.0,
-                                                        no_repeat_ngram_size=no_repeat_ngram_size,
-                                                        constraint=(json_schema, regex, choice, grammar) != (None,) * 4))
+                            seed=seed, unsupported=dict(
+                                stop=stop, repetition_penalty=repetition_penalty != 1.0,
+                                no_repeat_ngram_size=no_repeat_ngram_size,
+                                constraint=(json_schema, regex, choice, grammar) != (None,) * 4))
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
               stop=stop or [], seed=seed, truncate=truncate, constraint=_constraint(json_schema, regex, choice, grammar))

@@ -65,7 +65,8 @@ from gptlab.train.losses import next_token_loss
 from gptlab.train.budget import Budget
 from gptlab.train import fsdp
 from gptlab.train.optim import lr_at, make_optimizer
-from gptlab.train.runtime import Dist, autocast_dtype, compile_pays, init_distributed, measure_peak_flops, pick_device, sync, unwrap
+from gptlab.train.runtime import (Dist, autocast_dtype, compile_pays, init_distributed, measure_peak_flops,
+                                  pick_device, sync, unwrap)
 from gptlab.train.savers import HFSaver, load_optimizer, restore_rng
 
 
@@ -333,7 +334,8 @@ class Trainer:
         dest = self.out_dir / name
         stage = self.out_dir / f".{name}.tmp-step{self.step}"
         # --fsdp: every rank gathers the weights with rank 0, which writes them as an ordinary model
-        whole = unwrap(self.model) if self.fsdp_template is None else fsdp.full_replica(self.model, self.fsdp_template, self.dist.main)
+        whole = unwrap(self.model) if self.fsdp_template is None else \
+            fsdp.full_replica(self.model, self.fsdp_template, self.dist.main)
         if self.dist.main:
             shutil.rmtree(stage, ignore_errors=True)
             self.saver.save(whole, stage)
