@@ -120,7 +120,8 @@ def _status_in_subprocess(env: dict[str, str]) -> tuple[dict[str, str], bool]:
 
 def test_disabled_by_environment():
     status, works = _status_in_subprocess({"GPTLAB_KERNELS": "0"})
-    assert status == {"attention": "GPTLAB_KERNELS=0", "gemv": "GPTLAB_KERNELS=0", "onednn": "GPTLAB_KERNELS=0"}
+    assert status == {"attention": "GPTLAB_KERNELS=0", "gemv": "GPTLAB_KERNELS=0", "onednn": "GPTLAB_KERNELS=0",
+                      "quant": "GPTLAB_KERNELS=0"}
     assert works
 
 
