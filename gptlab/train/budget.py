@@ -18,6 +18,7 @@ import time
 from gptlab.errors import GptlabError
 
 PROBE = 10  # steps measured before the schedule is set
+UNSET = 10**9  # max_steps while a budget still measures: lr holds its peak, the loop does not end
 _PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)?")
 
 
@@ -68,7 +69,7 @@ class Budget:
         if saved.get("time_budget") == cfg.time_budget and isinstance(saved.get("max_steps"), int):
             trainer.config = dataclasses.replace(cfg, max_steps=saved["max_steps"])
             return None
-        trainer.config = dataclasses.replace(cfg, max_steps=10**9)  # lr holds its peak until the schedule is set
+        trainer.config = dataclasses.replace(cfg, max_steps=UNSET)  # lr holds its peak until the schedule is set
         return cls(parse_duration(cfg.time_budget))
 
     def after_step(self, trainer) -> bool:

@@ -62,7 +62,7 @@ from gptlab.formats.files import RunLock, read_json, replace_dir
 from gptlab.models import stats
 from gptlab.train.guards import RUN_ENTRIES, check_loop_config
 from gptlab.train.losses import next_token_loss
-from gptlab.train.budget import Budget
+from gptlab.train.budget import UNSET, Budget
 from gptlab.train import fsdp
 from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.runtime import (Dist, autocast_dtype, compile_pays, init_distributed, measure_peak_flops,
@@ -566,7 +566,7 @@ class Trainer:
                         post["mfu"] = f"{100 * m['mfu']:.1f}%"
                     bar.set_postfix(post, refresh=False)
                     if not show_bar:
-                        total = cfg.max_steps if cfg.max_steps < 10**9 else "?"  # ?: a time budget still measuring
+                        total = cfg.max_steps if cfg.max_steps < UNSET else "?"  # ?: a time budget still measuring
                         self._print(None, f"step {self.step}/{total}: loss {m['loss']:.4f}  "
                                           f"lr {m['lr']:.2e}  {tps:,.0f} tok/s")
                 last_metrics = m

@@ -23,6 +23,7 @@ from gptlab.models import stats
 from gptlab.models.config import Config
 from gptlab.models.model import GPT
 from gptlab.tokenizer import load_tokenizer
+from gptlab.train.budget import UNSET
 from gptlab.train.loop import LoopConfig, Trainer
 from gptlab.train.runtime import init_distributed, pick_device, unwrap
 
@@ -118,7 +119,7 @@ def run_pretraining(cfg: TrainConfig) -> dict[str, Any]:
     """Everything `gptlab train` does: prepare data (cached), build the model, train, save final/, sample."""
     if not cfg.max_steps:  # no step count: a time budget decides (five minutes unless given), or --max-flops
         budget = cfg.time_budget or ("" if cfg.max_flops else DEFAULT_BUDGET)
-        cfg = dataclasses.replace(cfg, max_steps=10**9, time_budget=budget)
+        cfg = dataclasses.replace(cfg, max_steps=UNSET, time_budget=budget)
     device = pick_device(cfg.device)
     dist = init_distributed(device)
     t0 = time.perf_counter()

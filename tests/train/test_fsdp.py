@@ -4,7 +4,6 @@ sharded checkpoint, and an ordinary HF model dir from the gathered weights."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 from gptlab.errors import GptlabError
 from gptlab.train.loop import LoopConfig
+from tests.train.conftest import free_port
 from tests.train.test_train import losses, make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,9 +44,7 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
 def test_fsdp_two_processes_match_one_and_resume_exactly(pydocs, tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_worker, args=(port, str(pydocs), str(tmp_path)), nprocs=2, join=True)
     one = make_trainer(pydocs, tmp_path / "one", batch_size=2, grad_accum=2, dropout=0.0)
     one.fit()

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from gptlab.models.model import GPT
 from gptlab.train.loop import LoopConfig, Trainer
 from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.losses import linear_cross_entropy, next_token_loss
+from tests.train.conftest import free_port
 
 HERE = Path(__file__).parent
 
@@ -231,9 +231,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(pydocs, tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(port, str(pydocs), str(tmp_path / "ddp")), nprocs=2, join=True)
     # 2 processes x 2 = 4 sequences per step; no dropout, whose masks differ by process
     single = make_trainer(pydocs, tmp_path / "one", batch_size=4, dropout=0.0)
