@@ -262,12 +262,32 @@ ACTIVATIONS = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "
 
 @dataclass(frozen=True)
 class GGUFSpec:
-    """How llama.cpp names a family (gptlab/formats/gguf_export.py writes it): its `general.architecture`, and
-    for each of our weights (state-dict names, {i} the block) the GGUF tensor names. Two or three names split
-    the weight's rows: three are q, k and v (by heads), two are halves (a GLU's gate and up)."""
+    """How llama.cpp names and runs a family (gptlab/formats/gguf_export.py writes it), read from its loader and
+    graph for `arch` (src/models/<arch>.cpp in llama.cpp).
+
+    tensors: for each of our weights (state-dict names, {i} the block) the GGUF tensor names, listing what
+      llama.cpp's loader reads for the arch: a `.weight` listed is required, a bias is written when the model
+      has it. Two or three names split the weight's output rows: three are q, k and v (by heads), two are halves
+      (a GLU's gate and up; stacked experts (E, 2I, C) split per expert).
+    requires: Config fields and the values llama.cpp's graph computes for the arch; a model with another value
+      is refused, naming the field, rather than written as a file that runs something else.
+    head_required: the loader reads output.weight even when the head is tied: a copy of the embedding is written.
+    biases_required: the loader reads every bias of `tensors`: a model without them gets zeros (the same sums).
+    hparams: writes the arch's own metadata keys (GGUFWriter, Config), e.g. the expert counts.
+    """
 
     arch: str
     tensors: tuple[tuple[str, tuple[str, ...]], ...]
+    requires: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    head_required: bool = False
+    biases_required: bool = False
+    hparams: Callable[[Any, Config], None] | None = None
+
+
+def gguf_weight_and_bias(ours: str, theirs: str | tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """GGUFSpec rows for a module's `.weight` and `.bias` (several GGUF names: its rows split)."""
+    theirs = (theirs,) if isinstance(theirs, str) else theirs
+    return [(f"{ours}.{p}", tuple(f"{t}.{p}" for t in theirs)) for p in ("weight", "bias")]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 transformers' GPT2LMHeadModel stores q, k and v fused in `c_attn` and every weight as a Conv1D (in, out).
 """
 
-from gptlab.formats.family import ACTIVATIONS, Family, GGUFSpec, Key, Refuse, WeightRow, keys, weight_and_bias
+from gptlab.formats.family import (ACTIVATIONS, Family, GGUFSpec, Key, Refuse, WeightRow, gguf_weight_and_bias, keys,
+                                  weight_and_bias)
 
 
 def gpt2_weights(embedding: str, positions: str, final_norm: bool) -> tuple[WeightRow, ...]:
@@ -30,16 +31,18 @@ CONFIG = (
           upcast_attn=("reorder_and_upcast_attn", False), tie_embeddings=("tie_word_embeddings", True)),
 )
 
-def _gguf_rows(ours: str, theirs: str) -> list[tuple[str, tuple[str, ...]]]:
-    return [(f"{ours}.weight", (f"{theirs}.weight",)), (f"{ours}.bias", (f"{theirs}.bias",))]
-
-
+# llama.cpp's gpt2 graph (src/models/gpt2.cpp): GELU (the tanh form, so exact-erf models are approximated),
+# scores scaled by 1/sqrt(head_dim) alone
 GGUF = GGUFSpec("gpt2", tuple(
     [("wte.weight", ("token_embd.weight",)), ("wpe.weight", ("position_embd.weight",))]
-    + _gguf_rows("blocks.{i}.norm_1", "blk.{i}.attn_norm") + _gguf_rows("blocks.{i}.attn.qkv", "blk.{i}.attn_qkv")
-    + _gguf_rows("blocks.{i}.attn.proj", "blk.{i}.attn_output") + _gguf_rows("blocks.{i}.norm_2", "blk.{i}.ffn_norm")
-    + _gguf_rows("blocks.{i}.mlp.fc", "blk.{i}.ffn_up") + _gguf_rows("blocks.{i}.mlp.proj", "blk.{i}.ffn_down")
-    + _gguf_rows("norm_f", "output_norm") + [("lm_head.weight", ("output.weight",))]))
+    + gguf_weight_and_bias("blocks.{i}.norm_1", "blk.{i}.attn_norm")
+    + gguf_weight_and_bias("blocks.{i}.attn.qkv", "blk.{i}.attn_qkv")
+    + gguf_weight_and_bias("blocks.{i}.attn.proj", "blk.{i}.attn_output")
+    + gguf_weight_and_bias("blocks.{i}.norm_2", "blk.{i}.ffn_norm")
+    + gguf_weight_and_bias("blocks.{i}.mlp.fc", "blk.{i}.ffn_up")
+    + gguf_weight_and_bias("blocks.{i}.mlp.proj", "blk.{i}.ffn_down")
+    + gguf_weight_and_bias("norm_f", "output_norm") + [("lm_head.weight", ("output.weight",))]),
+    requires=(("activation", ("gelu_new", "gelu")), ("scale_attn", (True,)), ("scale_attn_by_layer", (False,))))
 
 FAMILIES = [Family("gpt2", causal_lm="GPT2LMHeadModel", sequence_classifier="GPT2ForSequenceClassification",
                    weights=gpt2_weights("wte", "wpe", final_norm=True), config=CONFIG, gguf=GGUF)]

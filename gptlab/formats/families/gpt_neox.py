@@ -1,7 +1,8 @@
 """GPT-NeoX / Pythia (EleutherAI): partial rotary positions, parallel (or sequential) residual, exact GELU,
 q/k/v fused per head."""
 
-from gptlab.formats.family import ACTIVATIONS, Family, Key, Rope, WeightRow, fixed, keys, weight_and_bias
+from gptlab.formats.family import (ACTIVATIONS, Family, GGUFSpec, Key, Rope, WeightRow, fixed, gguf_weight_and_bias,
+                                  keys, weight_and_bias)
 
 
 def _weights() -> tuple[WeightRow, ...]:
@@ -28,5 +29,27 @@ CONFIG = (
     Rope(theta_key="rotary_emb_base", fraction_key="rotary_pct"),
 )
 
+
+
+def _gguf_hparams(w, c) -> None:
+    w.add_parallel_residual(c.parallel_residual)  # llama.cpp requires the key, sequential models included
+
+
+# llama.cpp's gptneox (src/models/gptneox.cpp): one attn_qkv whose rows are [q; k; v] by whole heads (views at
+# offsets 0, n_embd, 2 n_embd), which is our fused layout, not HF's per-head interleave; NeoX-style rotary over
+# the first rope.dimension_count dims; x + attn(ln1(x)) + mlp(ln2(x)) under use_parallel_residual; GELU in
+# its tanh form (Pythia's exact erf is approximated); every bias and output.weight are required
+GGUF = GGUFSpec("gptneox", tuple(
+    [("wte.weight", ("token_embd.weight",))]
+    + gguf_weight_and_bias("blocks.{i}.norm_1", "blk.{i}.attn_norm")
+    + gguf_weight_and_bias("blocks.{i}.attn.qkv", "blk.{i}.attn_qkv")
+    + gguf_weight_and_bias("blocks.{i}.attn.proj", "blk.{i}.attn_output")
+    + gguf_weight_and_bias("blocks.{i}.norm_2", "blk.{i}.ffn_norm")
+    + gguf_weight_and_bias("blocks.{i}.mlp.fc", "blk.{i}.ffn_up")
+    + gguf_weight_and_bias("blocks.{i}.mlp.proj", "blk.{i}.ffn_down")
+    + gguf_weight_and_bias("norm_f", "output_norm") + [("lm_head.weight", ("output.weight",))]),
+    requires=(("activation", ("gelu", "gelu_new")),), head_required=True, biases_required=True,
+    hparams=_gguf_hparams)
+
 FAMILIES = [Family("gpt_neox", causal_lm="GPTNeoXForCausalLM", sequence_classifier="GPTNeoXForSequenceClassification",
-                   weights=_weights(), config=CONFIG)]
+                   weights=_weights(), config=CONFIG, gguf=GGUF)]

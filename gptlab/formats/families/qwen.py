@@ -8,7 +8,7 @@ from typing import Any
 
 from gptlab.errors import GptlabError
 from gptlab.formats.family import (ACTIVATIONS, Codec, Family, Fixed, GGUFSpec, HFConfig, Key, Rope, WeightRow, fixed,
-                                  keys, weight_and_bias)
+                                  gguf_weight_and_bias, keys, weight_and_bias)
 from gptlab.models.config import Config
 
 
@@ -103,30 +103,59 @@ def _config(qwen3: bool, experts: Codec | None) -> tuple[Codec, ...]:
     )
 
 
-def _gguf(arch: str) -> GGUFSpec:
-    """llama.cpp's qwen2 / qwen3 names (dense models; its MoE layouts are not written)."""
+def _gguf(arch: str, qwen3: bool, experts: Experts | None, topk_renormalised: bool = False,
+          head_required: bool = False) -> GGUFSpec:
+    """llama.cpp's qwen2 / qwen3 / qwen2moe / qwen3moe (src/models/<arch>.cpp): what each loader reads.
+
+    Their graphs have no attention-output bias and rotate whole heads; the MoE graphs route every layer (no dense
+    layers), renormalise the top-k weights in qwen3moe and not in qwen2moe, and qwen2moe always adds its gated
+    shared expert and reads output.weight even when the head is tied.
+    """
     b = "blk.{i}"
     rows = [("wte.weight", ("token_embd.weight",)), ("blocks.{i}.norm_1.weight", (f"{b}.attn_norm.weight",)),
-            ("blocks.{i}.attn.qkv.weight", (f"{b}.attn_q.weight", f"{b}.attn_k.weight", f"{b}.attn_v.weight")),
-            ("blocks.{i}.attn.qkv.bias", (f"{b}.attn_q.bias", f"{b}.attn_k.bias", f"{b}.attn_v.bias")),
+            *gguf_weight_and_bias("blocks.{i}.attn.qkv", (f"{b}.attn_q", f"{b}.attn_k", f"{b}.attn_v")),
             ("blocks.{i}.attn.proj.weight", (f"{b}.attn_output.weight",)),
-            ("blocks.{i}.attn.proj.bias", (f"{b}.attn_output.bias",)),
-            ("blocks.{i}.attn.q_norm.weight", (f"{b}.attn_q_norm.weight",)),
-            ("blocks.{i}.attn.k_norm.weight", (f"{b}.attn_k_norm.weight",)),
-            ("blocks.{i}.norm_2.weight", (f"{b}.ffn_norm.weight",)),
-            ("blocks.{i}.mlp.fc.weight", (f"{b}.ffn_gate.weight", f"{b}.ffn_up.weight")),
-            ("blocks.{i}.mlp.proj.weight", (f"{b}.ffn_down.weight",)),
-            ("norm_f.weight", ("output_norm.weight",)), ("lm_head.weight", ("output.weight",))]
-    return GGUFSpec(arch, tuple(rows))
+            ("blocks.{i}.norm_2.weight", (f"{b}.ffn_norm.weight",))]
+    if qwen3:
+        rows += [("blocks.{i}.attn.q_norm.weight", (f"{b}.attn_q_norm.weight",)),
+                 ("blocks.{i}.attn.k_norm.weight", (f"{b}.attn_k_norm.weight",))]
+    if experts is None:
+        rows += [("blocks.{i}.mlp.fc.weight", (f"{b}.ffn_gate.weight", f"{b}.ffn_up.weight")),
+                 ("blocks.{i}.mlp.proj.weight", (f"{b}.ffn_down.weight",))]
+    else:  # experts stacked (E, 2I, C) and (E, C, I): llama.cpp's ffn_*_exps are the same 3-D tensors
+        rows += [("blocks.{i}.mlp.router.weight", (f"{b}.ffn_gate_inp.weight",)),
+                 ("blocks.{i}.mlp.gate_up", (f"{b}.ffn_gate_exps.weight", f"{b}.ffn_up_exps.weight")),
+                 ("blocks.{i}.mlp.down", (f"{b}.ffn_down_exps.weight",))]
+    if experts is not None and experts.shared:
+        rows += [("blocks.{i}.mlp.shared_gate.weight", (f"{b}.ffn_gate_inp_shexp.weight",)),
+                 ("blocks.{i}.mlp.shared.fc.weight", (f"{b}.ffn_gate_shexp.weight", f"{b}.ffn_up_shexp.weight")),
+                 ("blocks.{i}.mlp.shared.proj.weight", (f"{b}.ffn_down_shexp.weight",))]
+    rows += [("norm_f.weight", ("output_norm.weight",)), ("lm_head.weight", ("output.weight",))]
+    requires: tuple[tuple[str, tuple[Any, ...]], ...] = (
+        ("activation", ("silu",)), ("attn_out_bias", (False,)), ("rotary_fraction", (1.0,)))
+    if experts is not None:
+        requires += (("dense_layers", ([],)), ("norm_topk_prob", (topk_renormalised,)))
+    return GGUFSpec(arch, tuple(rows), requires=requires, head_required=head_required,
+                    hparams=_moe_hparams if experts is not None else None)
+
+
+def _moe_hparams(w, c: Config) -> None:
+    w.add_expert_count(c.n_expert)
+    w.add_expert_used_count(c.n_expert_per_token)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if c.shared_expert_intermediate_size:
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
 
 
 FAMILIES = [
     Family(model_type, causal_lm=f"{name}ForCausalLM", sequence_classifier=f"{name}ForSequenceClassification",
-           weights=_weights(), config=_config(qwen3, experts), gguf=None if experts else _gguf(model_type))
-    for model_type, name, qwen3, experts in (
-        ("qwen2", "Qwen2", False, None),
-        ("qwen3", "Qwen3", True, None),
-        ("qwen2_moe", "Qwen2Moe", False, Experts(shared=True)),
-        ("qwen3_moe", "Qwen3Moe", True, Experts(shared=False)),
+           weights=_weights(), config=_config(qwen3, experts), gguf=gguf)
+    for model_type, name, qwen3, experts, gguf in (
+        ("qwen2", "Qwen2", False, None, _gguf("qwen2", qwen3=False, experts=None)),
+        ("qwen3", "Qwen3", True, None, _gguf("qwen3", qwen3=True, experts=None)),
+        ("qwen2_moe", "Qwen2Moe", False, Experts(shared=True),
+         _gguf("qwen2moe", qwen3=False, experts=Experts(shared=True), head_required=True)),
+        ("qwen3_moe", "Qwen3Moe", True, Experts(shared=False),
+         _gguf("qwen3moe", qwen3=True, experts=Experts(shared=False), topk_renormalised=True)),
     )
 ]
