@@ -16,6 +16,9 @@ from gptlab.cli import command
 from gptlab.dtypes import parse_dtype
 from gptlab.errors import GptlabError
 from gptlab.formats import hf
+from gptlab.formats.files import read_json
+from gptlab.formats.quantized import read_block
+from gptlab.formats.quantized import weight_bytes as quantized_bytes
 from gptlab.models.config import Config
 from gptlab.models.describe import context_str, heads_str, mlp_str, norm_str, params_str, positions_str
 from gptlab.models.presets import FAMILIES, PRESETS
@@ -136,6 +139,19 @@ def _weights_str(path: Path) -> str:
     return "none"
 
 
+def _quantized_lines(c: Config, stored, dtype: torch.dtype, dtype_name: str) -> list[tuple[str, str]]:
+    """What an int8 / int4 dir (gptlab export --format int8|int4) holds, and its weights' size."""
+    scales = "one scale per output channel" if stored.scheme == "int8" else "one scale per 32 weights"
+    odd = sum(k == "int8" for k in stored.modules.values()) if stored.scheme == "int4" else 0
+    layers = f"{len(stored.modules)} linear layers" + (f" ({odd} int8: input width not a multiple of 32)" if odd else "")
+    rest = "embeddings, norms" + (", routers and experts" if c.mlp == "moe" else "")
+    return [
+        ("quantized", f"{stored.scheme} weights, {scales}: {layers}; {rest} in {dtype_name}; inference only"),
+        ("weights", f"{human_bytes(quantized_bytes(c, stored, dtype))} ({human_bytes(weight_bytes(c, dtype))} "
+                    f"unquantized in {dtype_name})"),
+    ]
+
+
 @command("info")
 def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
     """Describe a model without loading its weights: family, size, context, dtype, memory, tokenizer.
@@ -150,10 +166,12 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
         batch_size: rows for the KV-cache estimate.
     """
     kind, path = _locate(model)
+    stored = None
     if path is None:
         config, dtype_name = Config.from_name(model), "bfloat16"
     else:
         config, dtype_name = hf.read_config(path), _checkpoint_dtype(path)
+        stored = read_block(read_json(path / "config.json"), str(path / "config.json"))
     dtype = parse_dtype(dtype_name)
     seq = config.context_length if seq_len is None else seq_len
     if seq < 1 or batch_size < 1:
@@ -179,7 +197,12 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
         ("mlp", f"{mlp_str(c)}, hidden {c.moe_intermediate_size if c.mlp == 'moe' else c.intermediate_size}"),
         ("vocab", f"{c.vocab_size:,}"),
         ("dtype", dtype_name + (" (assumed for a preset)" if kind == "preset" else "")),
-        ("weights", f"{human_bytes(weight_bytes(c, dtype))} in {dtype_name}"),
+    ]
+    if stored is not None:
+        lines += _quantized_lines(c, stored, dtype, dtype_name)
+    else:
+        lines.append(("weights", f"{human_bytes(weight_bytes(c, dtype))} in {dtype_name}"))
+    lines += [
         ("kv cache", f"{human_bytes(kv_cache_bytes(c, seq, batch_size, dtype))} for {batch_size} x {seq:,} tokens "
                      f"in {dtype_name}"),
         ("flops", f"{human(flops_per_token(c, seq))} per token forward at {seq:,} tokens (x3 to train)"),

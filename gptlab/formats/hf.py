@@ -1,7 +1,8 @@
 """Hugging Face model dirs in and out: find one (a local dir or a hub id), load it into a `GPT`, save one.
 
 A model dir is config.json (translated by gptlab/formats/hfconfig.py) + model.safetensors or shards (named
-by gptlab/formats/weights.py from the family's rows) + tokenizer files. Weights are read with safetensors
+by gptlab/formats/weights.py from the family's rows) + tokenizer files; an int8 / int4 dir adds a
+quantization_config and stores integers (gptlab/formats/quantized.py). Weights are read with safetensors
 only: pickled .bin/.pt files are refused, never unpickled. A sequence classifier is the same dir plus
 `score.weight` and the label fields transformers' AutoModelForSequenceClassification reads.
 """
@@ -17,7 +18,7 @@ import torch
 
 from gptlab.dtypes import parse_device, parse_dtype
 from gptlab.errors import GptlabError, reason
-from gptlab.formats import families
+from gptlab.formats import families, quantized
 from gptlab.formats.files import read_json, staged_dir
 from gptlab.formats.hfconfig import config_from_hf, config_to_hf
 from gptlab.formats.weights import hf_to_ours, our_names, ours_to_hf
@@ -68,7 +69,9 @@ def read_config(path: Path) -> Config:
     f = path / "config.json"
     if not f.is_file():
         raise GptlabError(f"{path} has no config.json; is it a Hugging Face-format model directory?")
-    return config_from_hf(read_json(f))
+    raw = read_json(f)
+    stored = quantized.read_block(raw, str(f))  # an int8 / int4 dir names its family in its quantization_config
+    return config_from_hf(raw if stored is None else {**raw, "model_type": stored.model_type})
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -102,9 +105,16 @@ def load(
     dtype: None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`, fp32 when absent).
     quantize: "int8" or "int4" turns the linear layers' weights into integers for inference
     (gptlab/models/quant.py); activations keep `dtype`.
+
+    An int8 / int4 dir (gptlab/formats/quantized.py) opens as that quantized model, in its own dtype; quantize=
+    its own scheme is a no-op (the integers are already what was asked), another scheme is refused.
     """
     model = load_with_extras(path_or_id, dtype, device)[0]
-    if quantize:
+    stored = getattr(model, "quantization", None)
+    if quantize and stored and quantize != stored:
+        raise GptlabError(f"{model.source} already holds {stored} weights; making them {quantize} would round the "
+                          f"rounded values again: quantize the original model instead")
+    if quantize and not stored:
         from gptlab.models.quant import quantize as to_integers
 
         to_integers(model, quantize)
@@ -129,12 +139,19 @@ def load_with_extras(
     path = resolve(path_or_id)
     config = read_config(path)
     raw = read_json(path / "config.json")
-    dtype = parse_dtype(dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    stored = quantized.read_block(raw, f"{path}/config.json")
+    saved_dtype = parse_dtype(raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    if stored is not None and dtype is not None and parse_dtype(dtype) != saved_dtype:
+        raise GptlabError(f"{path} holds {stored.scheme} weights with {str(saved_dtype).removeprefix('torch.')} "
+                          f"embeddings, norms and activations, and loads only as that dtype, for inference; to use "
+                          f"another dtype, or to train, start from the original model")
+    dtype = parse_dtype(dtype) if dtype is not None else saved_dtype
     device = parse_device(device)
     files = _weight_files(path)
 
     with torch.device("meta"):
         model = GPT(config)
+    integers = quantized.prepare(model, stored, f"{path}/config.json") if stored is not None else set()
     tensors: dict[str, torch.Tensor] = {}
     try:
         for f in files:
@@ -154,6 +171,9 @@ def load_with_extras(
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
+            if stored is None and name.endswith(".weight") and name.removesuffix("weight") + "qweight" in tensors:
+                raise GptlabError(f"{path} holds integer weights ({name.removesuffix('weight')}qweight) but its "
+                                  f"config.json has no quantization_config saying how to read them")
             raise GptlabError(f"{path} lacks weight {name!r} that its config.json ({config.model_type}) requires")
         return tensors.pop(name)
 
@@ -169,6 +189,12 @@ def load_with_extras(
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a diverged run's weights, or damage
             raise GptlabError(f"{path}: weight {name} holds NaN or infinite values; the checkpoint is damaged "
                               f"(saved from a run that diverged?) and would generate nothing meaningful")
+        if name in integers:  # int8 / uint8 nibbles and fp32 scales: as stored, bit for bit
+            if t.dtype != expected[name].dtype:
+                raise GptlabError(f"{path}: {name} is {t.dtype}, not the {expected[name].dtype} its "
+                                  f"quantization_config implies; the checkpoint is damaged")
+            sd[name] = t.to(device=device).contiguous()
+            continue
         # contiguous (out, in) rows for every family: GPT-2's Conv1D (in, out) views are copied once here,
         # since row-major weights are what the decode kernels stream fastest (gptlab/kernels)
         sd[name] = t.to(device=device, dtype=dtype).contiguous()
@@ -176,13 +202,15 @@ def load_with_extras(
     if leftover and not (config.tie_embeddings and leftover == ["lm_head.weight"]):
         raise GptlabError(f"{path} has weights gptlab does not expect for {config.model_type}: {', '.join(leftover[:5])}")
     model.load_state_dict(sd, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and "lm_head.qweight" not in integers:  # a quantized head keeps its own integers
         model.lm_head.weight = model.wte.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise GptlabError(f"{path} does not provide {', '.join(missing[:5])}")
     model.init_buffers(device=device)
     model.source = str(path)
+    if stored is not None:
+        model.requires_grad_(False)  # as gptlab.models.quant.quantize leaves it: for inference
     return model.eval(), found
 
 
@@ -207,6 +235,7 @@ def save(
         state.pop("lm_head.weight", None)
     dtype = model.wte.weight.dtype
     hf_config = config_to_hf(config, dtype)
+    quantized.mark(hf_config, model)  # int8 / int4 layers: their integers are saved, and config.json says so
     tensors = {k: v.to("cpu").contiguous() for k, v in ours_to_hf(config, state).items()}
     tensors.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
     hf_config.update(extra_config or {})

@@ -40,10 +40,17 @@ def _matches(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
+def _check_not_quantized(model: nn.Module) -> None:
+    if getattr(model, "quantization", None):  # gptlab/models/quant.py: its layers are no longer nn.Linear
+        raise GptlabError(f"this model holds {model.quantization} weights; LoRA adapters attach to full-precision "
+                          f"layers: use the original model")
+
+
 def lora_plan(model: nn.Module, targets: list[str] | tuple[str, ...] | str) -> dict[str, list[tuple[int, int]]]:
     """{our module: [row spans]} for `targets` (HF names, our names, or "all-linear"), for `add_lora`."""
     if isinstance(targets, str):
         targets = [targets]
+    _check_not_quantized(model)
     ps = linear_slices(model)
     if not targets:
         raise GptlabError("LoRA needs at least one target module (e.g. q_proj, v_proj, c_attn or qkv)")
@@ -240,6 +247,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     rows `lora_routing` sends it (the engine routes each request's rows by its adapter); nothing is unfrozen.
     """
     path = Path(path)
+    _check_not_quantized(model)
     if name is None and lora_layers(model):
         raise GptlabError("this model already has LoRA layers; use load_adapter_weights to refill them")
     if name is not None:

@@ -9,7 +9,7 @@ which rows of which of our Linears each HF Linear module is (what LoRA targets a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -20,18 +20,31 @@ from gptlab.models.config import Config
 
 
 def expand_rows(config: Config, ours: set[str]) -> list[tuple[str, list[list[str]], WeightRow]]:
-    """Concrete rows for this config: (our name, HF names per expert (one list when not per-expert), row)."""
+    """Concrete rows for this config: (our name, HF names per expert (one list when not per-expert), row).
+
+    A weight whose layer holds integers (a QuantLinear, gptlab/models/quant.py: `.qweight` and `.scales` instead
+    of `.weight`) gives two rows, `.weight` renamed in both names: the integers and scales split and reorder by
+    output rows exactly as the weight does, and are never transposed (int4 packs pairs along the input dim).
+    """
     out = []
     for row in families.get(config.model_type).weights:
         layers = range(config.n_layer) if "{i}" in row.ours else [None]
         for i in layers:
             name = row.ours.format(i=i)
+            hf = [h.replace("{i}", str(i)) for h in row.hf]
+            if name not in ours and name.endswith(".weight") and _renamed(name, "qweight") in ours:
+                for part in ("qweight", "scales"):
+                    out.append((_renamed(name, part), [[_renamed(h, part) for h in hf]], replace(row, transpose=False)))
+                continue
             if name not in ours:
                 continue
-            hf = [h.replace("{i}", str(i)) for h in row.hf]
             groups = [[h.replace("{e}", str(e)) for h in hf] for e in range(config.n_expert)] if row.per_expert else [hf]
             out.append((name, groups, row))
     return out
+
+
+def _renamed(weight_name: str, part: str) -> str:
+    return f"{weight_name.removesuffix('.weight')}.{part}"
 
 
 def our_names(model: nn.Module) -> set[str]:

@@ -8,10 +8,14 @@ Every Linear of the blocks and the head becomes a QuantLinear: its weight is sto
 to the embedding gets its own integer copy; the embedding keeps its dtype for lookups). On
 x86 CPUs with AVX2 the few-row products (batch-1 decode, an engine's decode tokens) run in kernels/quant.c,
 which widens the integers in registers; everything else (prefill, GPUs) multiplies by the dequantized weight,
-built per call. Embeddings (a lookup, not a product), norms and MoE experts stay as they were. Activations stay in the model's dtype; only the weights are rounded:
+built per call. Embeddings (a lookup, not a product), norms and MoE experts stay as they were. Activations stay in
+the model's dtype; only the weights are rounded:
 
     int8   scale[n] = max_k |w[n, k]| / 127,    q = round(w / scale) in [-127, 127]
     int4   scale[n, g] = max |w[n, g-th 32]| / 7, q = round(w / scale) in [-8, 7], stored as q + 8 in a nibble
+
+A quantized model stays in eval mode (`train()` is refused). `gptlab.save` writes it as an int8 / int4 model dir
+(gptlab/formats/quantized.py: `gptlab export MODEL --format int8`) that `gptlab.load` reopens as it was.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ class QuantLinear(nn.Module):
                 return y
         w = dequantize(self.kind, self.qweight, self.scales, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def train(self, mode: bool = True) -> "QuantLinear":
+        """Only eval mode: integer weights have no gradient, and a trainer would silently train the rest alone."""
+        if mode:
+            raise GptlabError(f"this model holds {self.kind} weights, which are for inference: it cannot be trained "
+                              f"or fine-tuned; train the original (unquantized) model, then quantize or export it")
+        return super().train(False)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.kind}, bias={self.bias is not None}"

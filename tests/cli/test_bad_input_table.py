@@ -204,6 +204,29 @@ def _bad_config(ws: Path) -> None:
     (ws / "model" / "config.json").write_text("{not json")
 
 
+def _int8_dir(ws: Path, damage: str | None = None) -> None:
+    """q8/: the model as a gptlab int8 dir (`gptlab export model --format int8 -o q8`), damaged as named."""
+    import gptlab
+
+    gptlab.save(gptlab.load(ws / "model", quantize="int8"), ws / "q8", tokenizer=gptlab.load_tokenizer(ws / "model"))
+    cfg_file, weights = ws / "q8" / "config.json", ws / "q8" / "model.safetensors"
+    cfg = json.loads(cfg_file.read_text())
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "no-block":  # a quantization_config deleted by hand: the integers are still there
+        del cfg["quantization_config"]
+        cfg["model_type"] = "gpt2"
+    elif damage == "gptq":
+        cfg["quantization_config"]["quant_method"] = "gptq"
+    cfg_file.write_text(json.dumps(cfg))
+
+
+def _gptj_dir(ws: Path) -> None:
+    from tests.conftest import make_hf_model, save_hf_model
+
+    save_hf_model(make_hf_model("gptj", vocab_size=512), ws / "gptj")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the table
 
@@ -336,6 +359,27 @@ OURS = [  # 30+ more, across every command
     C("export-without-out", "export model", "pass -o FILE.gguf"),
     C("export-not-a-gguf-name", "export model -o model.bin", "should end in .gguf"),
     C("serve-quantize-with-lora", "serve model --quantize int8 --lora a=lora/last", "cannot be combined with --lora"),
+    C("export-int8-without-out", "export model --format int8", "pass -o DIR"),
+    C("export-int8-with-outtype", "export model --format int8 -o q --outtype q8_0", "--outtype chooses the GGUF"),
+    C("export-int8-onto-the-model", "export model --format int8 -o model", "is the model being exported"),
+    C("export-int4-into-user-dir", "export model --format int4 -o userdir", "holds files gptlab did not write"),
+    C("export-int4-of-an-int8-dir", "export q8 --format int4 -o q4", "already holds int8 weights", setup=_int8_dir),
+    C("export-gguf-of-an-int8-dir", "export q8 -o q8.gguf", "already holds int8 weights", setup=_int8_dir),
+    C("export-gguf-of-gptj", "export gptj -o gptj.gguf", "llama.cpp has no graph for gptj", setup=_gptj_dir),
+    C("generate-int8-dir-as-bf16", "generate q8 --prompt hello --dtype bfloat16", "loads only as that dtype",
+      setup=_int8_dir),
+    C("generate-int8-dir-as-int4", "generate q8 --prompt hello --quantize int4", "round the rounded values",
+      setup=_int8_dir),
+    C("finetune-int8-dir", "finetune q8 --data sft.jsonl --out-dir ft --max-steps 2 --quiet --val-fraction 0 "
+      "--method full", "cannot be trained", setup=_int8_dir),
+    C("finetune-lora-on-int8-dir", "finetune q8 --data sft.jsonl --out-dir ft --max-steps 2 --quiet --val-fraction 0",
+      "LoRA adapters attach to full-precision layers", setup=_int8_dir),
+    C("generate-truncated-int8-dir", "generate q8 --prompt hello", "truncated or not a safetensors file",
+      setup=lambda ws: _int8_dir(ws, "truncated")),
+    C("generate-int8-dir-without-its-block", "generate q8 --prompt hello", "has no quantization_config",
+      setup=lambda ws: _int8_dir(ws, "no-block")),
+    C("generate-gptq-dir", "generate q8 --prompt hello", "quant_method='gptq' is not supported",
+      setup=lambda ws: _int8_dir(ws, "gptq")),
     C("train-into-user-dir", "train recipe.yaml --out-dir userdir", "userdir"),
     C("prepare-missing-corpus", "prepare nothere.txt --tokenizer tok -o d2 --quiet", "nothere.txt"),
     C("prepare-val-fraction-1.5", "prepare corpus.txt --tokenizer tok -o d2 --val-fraction 1.5 --quiet",

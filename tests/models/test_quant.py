@@ -116,3 +116,10 @@ def test_a_tied_head_gets_its_own_integers_and_the_embedding_stays():
     quantize(model, "int4")
     assert isinstance(model.lm_head, QuantLinear) and torch.equal(model.wte.weight, wte)
     torch.testing.assert_close(model.lm_head.weight, wte, atol=float(wte.abs().max()) / 7, rtol=0)
+
+
+def test_a_quantized_model_cannot_be_put_back_into_training():
+    model = quantize(_model(), "int8")
+    with pytest.raises(GptlabError, match="cannot be trained or fine-tuned"):
+        model.train()
+    assert not model.eval().training  # eval mode stays available (and is where it already is)
