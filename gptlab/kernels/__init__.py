@@ -1,118 +1,93 @@
-"""Faster CPU kernels for inference-time linear layers (no autograd).
+"""Faster CPU kernels for inference-time linear layers and decode attention (no autograd).
 
 Batch-1 decode is a string of matrix-vector products: it reads every weight once per token, so its speed
-is the memory bandwidth a kernel reaches. On AVX2 machines torch's default BLAS path streams weights at
-about half the machine's read bandwidth; gptlab picks, per call:
+is the memory bandwidth a kernel reaches, and torch's default GEMM path streams weights well below it.
+gptlab picks, per call:
 
-- `gemv.c` (ours, AVX2 + FMA) for up to `MAX_ROWS` rows with fp32 or bf16 row-major (out, in) weights,
-  which is how gptlab.load lays out every family (GPT-2's Conv1D weights are transposed once there): batch-1
-  decode, and an engine step's decode tokens.
-  bf16 weights are half the bytes, and this works on CPUs without bf16 arithmetic, where torch emulates
-  it: there gemv.c takes bf16 products of any row count (prefill too), 3-4x faster than the emulation. Compiled once with the system C compiler into the user cache (`$GPTLAB_CACHE`, else
-  `$XDG_CACHE_HOME/gptlab`, else ~/.cache/gptlab) and loaded with ctypes; no compiler, another CPU or
-  another OS: skipped.
-- oneDNN's inner product (bundled with torch) for up to 128 rows, and for vocabulary-sized heads at any
+- `gemv.c` (ours) for up to `MAX_ROWS` rows with fp32 or bf16 row-major (out, in) weights, which is how
+  gptlab.load lays out every family (GPT-2's Conv1D weights are transposed once there): batch-1 decode, and
+  an engine step's decode tokens. bf16 weights are half the bytes; on CPUs without bf16 arithmetic, where
+  torch emulates it, gemv.c takes bf16 products of any row count (prefill too), 3-4x faster than the emulation.
+- oneDNN's inner product (bundled with torch) for up to 128 fp32 rows, and for vocabulary-sized heads at any
   row count, where it beats the default path too.
 - otherwise None: the caller uses F.linear.
 
-`quant.c` (AVX2 + FMA) does the same few-row products for int8 / int4 weights (gptlab/models/quant.py,
-`quant_linear`); `attention.c` reads decode attention in place from the paged KV cache.
+`quant.c` does the same few-row products for int8 / int4 weights (gptlab/models/quant.py, `quant_linear`);
+`attention.c` reads decode attention in place from the paged KV cache (fp32 or bf16), split over spans of
+keys for long contexts.
 
-`GPTLAB_KERNELS=0` turns all of this off (plain F.linear everywhere). `status()` says what is in use and
-why; `gptlab info` prints it. bench/bench_inference.py measures the effect against transformers.
+Each C source has an AVX2 and an AVX-512 path (simd.h), and gemv.c a third for AVX512_BF16's native bf16
+dot products; build.py compiles each for the best instruction set this CPU's flags allow (`isa()`; capped by
+`GPTLAB_ISA=avx2|avx512`) with the system C compiler, once, into the user cache. `GPTLAB_KERNELS=0` turns all
+of this off (plain F.linear and SDPA everywhere). `status()` says what is in use and why; `gptlab info`
+prints it. bench/bench_inference.py measures the effect against transformers.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+
+from gptlab.kernels import build
+from gptlab.kernels.build import enabled, isa
 
 MAX_ROWS = 8  # rows gemv.c takes where torch's GEMMs have AVX-512 (or bf16 units): past that they win
 AVX2_MAX_ROWS = 32  # on AVX2-only CPUs gemv.c's 4 x 3 tiles keep up with oneDNN to ~32 rows (GPT-2, Qwen3 shapes)
 ONEDNN_MAX_ROWS = 128  # measured crossover with the default path for 768..3072-wide layers
 LARGE_OUT = 8192  # vocabulary-sized heads: oneDNN is faster at every row count measured (up to 1024)
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 
-_why_not: dict[str, str] = {}
+__all__ = ["cpu_linear", "quant_linear", "paged_decode", "status", "summary", "enabled", "isa", "library"]
 
-
-def enabled() -> bool:
-    return os.environ.get("GPTLAB_KERNELS", "1") != "0"
+_why_not = build.why_not
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("GPTLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
-    return Path(root) / "kernels"
+def _signatures(name: str, cdll: ctypes.CDLL) -> None:
+    if name == "gemv":
+        for fn in (cdll.gptlab_linear_f32, cdll.gptlab_linear_bf16):
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+            fn.restype = None
+        cdll.gptlab_isa.restype = ctypes.c_char_p
+    elif name == "quant":
+        for fn in (cdll.gptlab_linear_q8, cdll.gptlab_linear_q4):
+            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+            fn.restype = None
+        cdll.gptlab_q8_rounds_activations.restype = ctypes.c_int
+    elif name == "attention":
+        for fn in (cdll.gptlab_paged_decode_f32, cdll.gptlab_paged_decode_bf16):
+            fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+            fn.restype = None
 
 
-def _build(name: str) -> ctypes.CDLL | None:
-    """Build (once per source, flags and torch version) and load NAME.c; None, with the reason kept, if not here."""
-    if not enabled():
-        _why_not[name] = "GPTLAB_KERNELS=0"
-        return None
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _why_not[name] = f"needs Linux on x86-64 (this is {sys.platform}/{platform.machine()})"
-        return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        _why_not[name] = f"needs AVX2 (torch reports {capability})"
-        return None
-    if "libgomp" not in Path("/proc/self/maps").read_text():
-        _why_not[name] = "torch here does not use GNU OpenMP; a second OpenMP runtime would fight it for cores"
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        _why_not[name] = "no C compiler (set CC, or install gcc)"
-        return None
-    source = Path(__file__).with_name(f"{name}.c")
-    key = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS + [torch.__version__]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"{name}-{key}.so"
-    if not lib.exists():
-        tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-        try:
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([compiler, *CFLAGS, str(source), "-o", str(tmp), "-lm"], check=True, capture_output=True,
-                           text=True, timeout=120)
-            os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", None) or str(e)
-            _why_not[name] = f"could not compile {source.name} with {compiler}: {detail.strip().splitlines()[-1]}"
-            tmp.unlink(missing_ok=True)
-            return None
-    try:
-        return ctypes.CDLL(str(lib))
-    except OSError as e:
-        _why_not[name] = f"could not load {lib}: {e}"
-        return None
+@functools.cache
+def library(name: str, level: str | None = None) -> ctypes.CDLL | None:
+    """Kernel NAME ("gemv", "quant", "attention") built for `level` (default: the best this CPU runs), or None."""
+    cdll = build.build(name, level)
+    if cdll is not None:
+        _signatures(name, cdll)
+    return cdll
 
 
 @functools.cache
 def _gemv() -> ctypes.CDLL | None:
-    cdll = _build("gemv")
-    if cdll is not None:
-        for fn in (cdll.gptlab_linear_f32, cdll.gptlab_linear_bf16):
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-            fn.restype = None
-    return cdll
+    return library("gemv")
 
 
 @functools.cache
 def _quant() -> ctypes.CDLL | None:
-    cdll = _build("quant")
-    if cdll is not None:
-        for fn in (cdll.gptlab_linear_q8, cdll.gptlab_linear_q4):
-            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
-            fn.restype = None
-    return cdll
+    return library("quant")
+
+
+@functools.cache
+def _attention() -> ctypes.CDLL | None:
+    return library("attention")
+
+
+def q8_rounds_activations(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether quant.c's int8 product rounds the activations to int8 too (its AVX512-VNNI build; see quant.c)."""
+    lib = lib or _quant()
+    return bool(lib is not None and lib.gptlab_q8_rounds_activations())
 
 
 QUANT_MAX_ROWS = 16  # rows quant.c takes (each reads the weights once more); past that, dequantize + GEMM wins
@@ -135,34 +110,27 @@ def quant_linear(x: torch.Tensor, kind: str, q: torch.Tensor, scales: torch.Tens
     return y.to(x.dtype)
 
 
-@functools.cache
-def _attention() -> ctypes.CDLL | None:
-    cdll = _build("attention")
-    if cdll is not None:
-        fn = cdll.gptlab_paged_decode_f32
-        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
-        fn.restype = None
-    return cdll
-
-
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                  first: torch.Tensor, last: torch.Tensor, scale: float) -> torch.Tensor | None:
     """Decode attention read in place from a paged KV pool (attention.c), or None where it cannot run here
-    (the caller gathers and uses SDPA). q (R, nh, hs); pools (blocks, bs, nkv, hs); tables (R, width);
-    row r attends to positions first[r] .. last[r] - 1. Returns (R, nh, hs)."""
-    lib = _attention()
-    if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu" \
-            or q.shape[-1] > 512 or q.shape[1] // k_pool.shape[2] > 16:
+    (the caller gathers and uses SDPA). q (R, nh, hs); k_pool (blocks, nkv, ceil(hs / 2), bs, 2): each block's
+    keys in pairs of dimensions (a zero after an odd hs); v_pool (blocks, bs, nkv, hs); both fp32 or both bf16,
+    contiguous; tables (R, width) int64; row r attends to positions first[r] .. last[r] - 1 (int64). Returns
+    (R, nh, hs) in q's dtype (computed in fp32)."""
+    dtype = k_pool.dtype
+    if (dtype is not torch.float32 and dtype is not torch.bfloat16) or v_pool.dtype is not dtype \
+            or q.device.type != "cpu" or (lib := _attention()) is None:
         return None
+    if tables.dtype is not torch.int64 or first.dtype is not torch.int64 or last.dtype is not torch.int64:
+        raise ValueError("paged_decode takes int64 tables, first and last")
     R, nh, hs = q.shape
-    _, bs, nkv, _ = k_pool.shape
-    q = q.contiguous()
-    tables, first, last = (t.to(torch.int64).contiguous() for t in (tables, first, last))
-    out = torch.empty_like(q)
-    lib.gptlab_paged_decode_f32(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(),
-                                first.data_ptr(), last.data_ptr(), out.data_ptr(), R, nh, nkv, hs, bs,
-                                tables.shape[1], scale)
-    return out
+    _, bs, nkv, _ = v_pool.shape
+    qf = q.float().contiguous()
+    out = torch.empty_like(qf)
+    fn = lib.gptlab_paged_decode_bf16 if dtype is torch.bfloat16 else lib.gptlab_paged_decode_f32
+    fn(qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), first.data_ptr(), last.data_ptr(),
+       out.data_ptr(), R, nh, nkv, hs, bs, tables.shape[1], scale)
+    return out.to(q.dtype)
 
 
 @functools.cache
@@ -189,6 +157,9 @@ def _max_rows() -> int:
 def _native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16 matmuls
     several times slower than gemv.c reads bf16 weights, at any row count we measured (8 to 512)."""
+    flags = build.cpu_flags()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(p is None for p in probes):
         return True  # cannot tell: leave bf16 GEMMs to torch
@@ -196,44 +167,56 @@ def _native_bf16() -> bool:
 
 
 def _gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL) -> torch.Tensor:
-    """gemv.c on fp32 activations (a few rows: converting them is cheap) and fp32 or bf16 weights."""
+    """gemv.c: x, weight, bias and the result all fp32 or all bf16 (no conversions around the call)."""
     N, K = weight.shape
-    xf = x.float().contiguous()
-    bf = None if bias is None else bias.float().contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    fn = lib.gptlab_linear_bf16 if weight.dtype == torch.bfloat16 else lib.gptlab_linear_f32
-    fn(xf.data_ptr(), weight.data_ptr(), None if bf is None else bf.data_ptr(), y.data_ptr(), xf.numel() // K, N, K)
-    return y.to(x.dtype)  # bf16: one rounding of the fp32 sum, as torch's own bf16 matmul does
+    x = x.contiguous()
+    y = x.new_empty(x.shape[:-1] + (N,))
+    fn = lib.gptlab_linear_bf16 if weight.dtype is torch.bfloat16 else lib.gptlab_linear_f32
+    fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // K, N, K)
+    return y
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight.T + bias by the fastest kernel here for this shape, or None (use F.linear).
 
     Call only without autograd (nothing here records a graph). Results agree with F.linear to float
-    rounding (summation order differs).
+    rounding (summation order differs). Decode calls this for every layer of every token, so it is kept lean.
     """
     dtype = weight.dtype
-    if x.device.type != "cpu" or weight.dim() != 2 or x.dtype != dtype or (bias is not None and bias.dtype != dtype):
+    if x.dtype is not dtype or x.device.type != "cpu" or weight.dim() != 2 or \
+            (bias is not None and bias.dtype is not dtype):
         return None
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    few = rows <= _max_rows()
-    ours = few if dtype == torch.float32 else dtype == torch.bfloat16 and (rows <= MAX_ROWS or not _native_bf16())
-    if ours and rows > 0 and weight.is_contiguous() and (lib := _gemv()) is not None:
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if dtype is torch.float32:
+        ours = rows <= _max_rows()
+    else:
+        ours = dtype is torch.bfloat16 and (rows <= MAX_ROWS or not _native_bf16())
+    if ours and rows and weight.is_contiguous() and (lib := _gemv()) is not None:
         return _gemv_linear(x, weight, bias, lib)
-    if dtype == torch.float32 and (rows <= ONEDNN_MAX_ROWS or weight.shape[0] >= LARGE_OUT) and _onednn():
+    if dtype is torch.float32 and (rows <= ONEDNN_MAX_ROWS or weight.shape[0] >= LARGE_OUT) and _onednn():
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return None
 
 
 def status() -> dict[str, str]:
-    """{kernel: "in use" or the reason it is not}, building what is not yet built."""
+    """{kernel: "in use (instruction set; what it takes)" or the reason it is not}, building what is not yet built."""
+    level = isa()
+    if _gemv():
+        native = " by native bf16 dot products" if level == "avx512_bf16" else ""
+        bf16 = f"up to {MAX_ROWS} rows{native}" if _native_bf16() else \
+            "at any row count: this CPU has no bf16 arithmetic"
+        gemv = f"in use ({level}; fp32 up to {_max_rows()} rows, bf16 {bf16})"
+    else:
+        gemv = _why_not["gemv"]
     return {
-        "attention": "in use (fp32 paged decode)" if _attention() else _why_not["attention"],
-        "gemv": (f"in use (AVX2; fp32 up to {_max_rows()} rows, bf16 "
-                 + (f"up to {MAX_ROWS} rows)" if _native_bf16() else "at any row count: this CPU has no bf16 arithmetic)"))
-        if _gemv() else _why_not["gemv"],
-        "onednn": "in use (fp32, up to %d rows and vocabulary heads)" % ONEDNN_MAX_ROWS if _onednn() else _why_not["onednn"],
-        "quant": f"in use (AVX2; int8 / int4 weights, up to {QUANT_MAX_ROWS} rows)" if _quant() else _why_not["quant"],
+        "attention": f"in use ({level}; fp32 / bf16 paged decode)" if _attention() else _why_not["attention"],
+        "gemv": gemv,
+        "onednn": f"in use (fp32, up to {ONEDNN_MAX_ROWS} rows and vocabulary heads)" if _onednn()
+        else _why_not["onednn"],
+        "quant": (f"in use ({level}; int8 / int4 weights, up to {QUANT_MAX_ROWS} rows"
+                  + ("; int8 by VNNI dot products, activations rounded to int8)" if q8_rounds_activations() else ")"))
+        if _quant() else _why_not["quant"],
     }
 
 
