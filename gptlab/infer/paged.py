@@ -34,9 +34,15 @@ class Segment:
 class PagedCache:
     def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        shape = (num_blocks, block_size, config.n_kv_head, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        nkv, hs = config.n_kv_head, config.head_dim
+        # keys in pairs of dimensions, key after key, within each block: (blocks, nkv, ceil(hs / 2), bs, 2), so the
+        # decode kernel scores a block's keys with whole-vector multiply-adds (gptlab/kernels/attention.c); values
+        # one row per key: (blocks, bs, nkv, hs)
+        self.head_dim, self.pairs = hs, -(-hs // 2)
+        self.k = [torch.zeros(num_blocks, nkv, self.pairs, block_size, 2, dtype=dtype, device=device)
+                  for _ in range(config.n_layer)]
+        self.v = [torch.zeros(num_blocks, block_size, nkv, hs, dtype=dtype, device=device)
+                  for _ in range(config.n_layer)]
         self.windows = [config.window(i) for i in range(config.n_layer)]
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
 
@@ -55,6 +61,7 @@ class PagedCache:
             slots += [s.block_table[i // bs] * bs + i % bs for i in p]
         self.n = len(pos)
         self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.slot_blocks, self.slot_offsets = self.slots // bs, self.slots % bs
         self._segments = segments
         decode = [s for s in segments if s.length == 1]
         self.prefill = [s for s in segments if s.length > 1]
@@ -65,6 +72,7 @@ class PagedCache:
             self.decode_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode],
                                               device=dev)  # (R, blocks); padding points at block 0, masked off
             self.decode_pos = torch.tensor([s.context for s in decode], device=dev)  # (R,)
+            self.decode_last = self.decode_pos + 1  # (R,): each row attends to keys before this position
             self.decode_len = max(s.context for s in decode) + 1  # keys the longest decode row reads
             self._first: dict[int, torch.Tensor] = {}  # per window: each decode row's first visible key
         self._masks: dict[int, torch.Tensor] = {}
@@ -85,10 +93,21 @@ class PagedCache:
         pass
 
     def _gather(self, pool: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
-        """The first `length` slots of each row's blocks: (rows, nkv, length, hs)."""
+        """The first `length` slots of each row's blocks of the V pool: (rows, nkv, length, hs)."""
         g = pool[tables]  # (rows, blocks, bs, nkv, hs)
         g = g.flatten(1, 2)[:, :length]  # (rows, L, nkv, hs)
         return g.transpose(1, 2)
+
+    def _gather_keys(self, pool: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+        """The same from the K pool, whose blocks hold their keys in pairs: (rows, nkv, length, hs)."""
+        g = pool[tables].permute(0, 2, 1, 4, 3, 5)  # (rows, nkv, blocks, bs, pairs, 2)
+        return g.flatten(4, 5)[..., :self.head_dim].flatten(2, 3)[:, :, :length]
+
+    def _store_keys(self, pool: torch.Tensor, k: torch.Tensor) -> None:
+        """k (N, nkv, hs): the step's new keys, into their slots of the K pool (in pairs of dimensions)."""
+        if k.shape[-1] != 2 * self.pairs:
+            k = F.pad(k, (0, 1))  # an odd head size: a zero completes the last pair
+        pool.permute(0, 3, 1, 2, 4)[self.slot_blocks, self.slot_offsets] = k.unflatten(-1, (self.pairs, 2))
 
     def _decode_mask(self, window: int, L: int, dtype: torch.dtype) -> torch.Tensor:
         if window not in self._masks:
@@ -105,8 +124,8 @@ class PagedCache:
                scale: float | None) -> torch.Tensor:
         nh, nkv = q.shape[1], k.shape[1]
         kp, vp = self.k[layer], self.v[layer]
-        flat = kp.shape[0] * kp.shape[1]
-        kp.view(flat, *kp.shape[2:]).index_copy_(0, self.slots, k[0].transpose(0, 1).to(kp.dtype))  # (N, nkv, hs)
+        self._store_keys(kp, k[0].transpose(0, 1).to(kp.dtype))  # (N, nkv, hs)
+        flat = vp.shape[0] * vp.shape[1]
         vp.view(flat, *vp.shape[2:]).index_copy_(0, self.slots, v[0].transpose(0, 1).to(vp.dtype))
         gqa = nh != nkv
         window = self.windows[layer]
@@ -117,12 +136,12 @@ class PagedCache:
             if window not in self._first:
                 self._first[window] = (self.decode_pos - window + 1).clamp(min=0) if window else \
                     torch.zeros_like(self.decode_pos)
-            # in place from the pool where the kernel runs (fp32 on x86 CPUs); else gathered, then SDPA
-            out = kernels.paged_decode(qd, kp, vp, self.decode_tables, self._first[window], self.decode_pos + 1,
+            # in place from the pool where the kernel runs (fp32 or bf16 on x86 CPUs); else gathered, then SDPA
+            out = kernels.paged_decode(qd, kp, vp, self.decode_tables, self._first[window], self.decode_last,
                                        scale if scale is not None else qd.shape[-1] ** -0.5)
             if out is None:
                 L = self.decode_len
-                keys = self._gather(kp, self.decode_tables, L).to(q.dtype)  # (R, nkv, L, hs); fp32 q: upcast
+                keys = self._gather_keys(kp, self.decode_tables, L).to(q.dtype)  # (R, nkv, L, hs); fp32 q: upcast
                 values = self._gather(vp, self.decode_tables, L).to(q.dtype)
                 out = F.scaled_dot_product_attention(qd[:, :, None], keys, values, scale=scale, enable_gqa=gqa,
                                                      attn_mask=self._decode_mask(window, L, q.dtype))[:, :, 0]
@@ -132,7 +151,8 @@ class PagedCache:
         for s in self.prefill:
             L = s.context + s.length
             table = torch.tensor(s.block_table[: -(-L // self.block_size)], device=self.device)[None]
-            keys, values = self._gather(kp, table, L).to(q.dtype), self._gather(vp, table, L).to(q.dtype)  # (1, nkv, L, hs)
+            keys = self._gather_keys(kp, table, L).to(q.dtype)  # (1, nkv, L, hs)
+            values = self._gather(vp, table, L).to(q.dtype)
             qs = q[:, :, s.start:s.start + s.length]
             plain = s.context == 0 and (window == 0 or window >= L)
             mask = None if plain else attention_bias(torch.arange(s.context, L, device=self.device), L, window, q.dtype)
