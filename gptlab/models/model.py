@@ -263,17 +263,20 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config, config.intermediate_size)
         self.drop = nn.Dropout(config.dropout)
 
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) if self.training else x  # the identity in eval: skip the call (decode runs this per layer)
+
     def forward(self, x, cos, sin, mask, cache):
         if self.post_norm:  # GPT-1
-            x = self.norm_1(x + self.drop(self.attn(x, cos, sin, mask, cache)))
-            return self.norm_2(x + self.drop(self.mlp(x)))
+            x = self.norm_1(x + self._drop(self.attn(x, cos, sin, mask, cache)))
+            return self.norm_2(x + self._drop(self.mlp(x)))
         h = self.norm_1(x)
-        a = self.drop(self.attn(h, cos, sin, mask, cache))
+        a = self._drop(self.attn(h, cos, sin, mask, cache))
         if self.parallel:  # GPT-J (shared norm) and GPT-NeoX
             m = self.mlp(h if self.norm_2 is None else self.norm_2(x))
-            return x + a + self.drop(m)
+            return x + a + self._drop(m)
         x = x + a
-        return x + self.drop(self.mlp(self.norm_2(x)))
+        return x + self._drop(self.mlp(self.norm_2(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,7 +364,7 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        x = self.drop(x)
+        x = self.drop(x) if self.training else x
         cos = sin = None
         if self.config.positions == "rotary":
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, rd)
