@@ -109,6 +109,13 @@ class PagedCache:
             k = F.pad(k, (0, 1))  # an odd head size: a zero completes the last pair
         pool.permute(0, 3, 1, 2, 4)[self.slot_blocks, self.slot_offsets] = k.unflatten(-1, (self.pairs, 2))
 
+    def _first_keys(self, window: int) -> torch.Tensor:
+        """(R,): each decode row's first visible key under a local window (0 without one)."""
+        if window not in self._first:
+            self._first[window] = (self.decode_pos - window + 1).clamp(min=0) if window else \
+                torch.zeros_like(self.decode_pos)
+        return self._first[window]
+
     def _decode_mask(self, window: int, L: int, dtype: torch.dtype) -> torch.Tensor:
         if window not in self._masks:
             k = torch.arange(L, device=self.device)[None, :]  # (1, L)
@@ -124,20 +131,22 @@ class PagedCache:
                scale: float | None) -> torch.Tensor:
         nh, nkv = q.shape[1], k.shape[1]
         kp, vp = self.k[layer], self.v[layer]
+        window = self.windows[layer]
+        if not self.prefill:  # the steady state, one token per sequence in order: store and attend in one call
+            out = kernels.paged_store_decode(q, k, v, self.slots, kp, vp, self.decode_tables, self._first_keys(window),
+                                             self.decode_last, scale if scale is not None else q.shape[-1] ** -0.5)
+            if out is not None:
+                return out.transpose(0, 1)[None]  # (1, nh, R, hs)
         self._store_keys(kp, k[0].transpose(0, 1).to(kp.dtype))  # (N, nkv, hs)
         flat = vp.shape[0] * vp.shape[1]
         vp.view(flat, *vp.shape[2:]).index_copy_(0, self.slots, v[0].transpose(0, 1).to(vp.dtype))
         gqa = nh != nkv
-        window = self.windows[layer]
         only_decode = not self.prefill  # the steady state: one token per sequence, in order
         y = None if only_decode else torch.empty_like(q)  # (1, nh, N, hs)
         if self.decode_rows is not None:
             qd = q[0].transpose(0, 1) if only_decode else q[0, :, self.decode_rows].transpose(0, 1)  # (R, nh, hs)
-            if window not in self._first:
-                self._first[window] = (self.decode_pos - window + 1).clamp(min=0) if window else \
-                    torch.zeros_like(self.decode_pos)
             # in place from the pool where the kernel runs (fp32 or bf16 on x86 CPUs); else gathered, then SDPA
-            out = kernels.paged_decode(qd, kp, vp, self.decode_tables, self._first[window], self.decode_last,
+            out = kernels.paged_decode(qd, kp, vp, self.decode_tables, self._first_keys(window), self.decode_last,
                                        scale if scale is not None else qd.shape[-1] ** -0.5)
             if out is None:
                 L = self.decode_len

@@ -58,6 +58,10 @@ def _signatures(name: str, cdll: ctypes.CDLL) -> None:
         for fn in (cdll.gptlab_paged_decode_f32, cdll.gptlab_paged_decode_bf16):
             fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
             fn.restype = None
+        fn = cdll.gptlab_paged_store_decode
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + \
+            [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+        fn.restype = None
 
 
 @functools.cache
@@ -131,6 +135,33 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     fn(qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), first.data_ptr(), last.data_ptr(),
        out.data_ptr(), R, nh, nkv, hs, bs, tables.shape[1], scale)
     return out.to(q.dtype)
+
+
+def paged_store_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_pool: torch.Tensor,
+                       v_pool: torch.Tensor, tables: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+                       scale: float) -> torch.Tensor | None:
+    """A decode-only step's attention in one call: the new keys and values (one token per row) into their slots
+    of the pools, then paged_decode. q (1, nh, R, hs), k and v (1, nkv, R, hs), each with unit stride along hs
+    (views of the qkv product are fine), all fp32 or all bf16; slots (R,) int64; the rest as paged_decode.
+    Returns (R, nh, hs) in q's dtype, or None where it cannot run here (the caller stores and calls apart)."""
+    dtype, pool = q.dtype, k_pool.dtype
+    if (dtype is not torch.float32 and dtype is not torch.bfloat16) or k.dtype is not dtype or v.dtype is not dtype \
+            or (pool is not torch.float32 and pool is not torch.bfloat16) or v_pool.dtype is not pool \
+            or q.device.type != "cpu" or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
+            or q.shape[0] != 1 or (lib := _attention()) is None:
+        return None
+    if slots.dtype is not torch.int64 or tables.dtype is not torch.int64 or first.dtype is not torch.int64 \
+            or last.dtype is not torch.int64:
+        raise ValueError("paged_store_decode takes int64 slots, tables, first and last")
+    _, nh, R, hs = q.shape
+    _, bs, nkv, _ = v_pool.shape
+    out = q.new_empty((R, nh, hs))
+    lib.gptlab_paged_store_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(2), q.stride(1), k.stride(2),
+                                  k.stride(1), v.stride(2), v.stride(1), dtype is torch.bfloat16, slots.data_ptr(),
+                                  k_pool.data_ptr(), v_pool.data_ptr(), pool is torch.bfloat16, tables.data_ptr(),
+                                  first.data_ptr(), last.data_ptr(), out.data_ptr(), R, nh, nkv, hs, bs,
+                                  tables.shape[1], scale)
+    return out
 
 
 @functools.cache

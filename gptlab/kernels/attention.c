@@ -345,3 +345,42 @@ void gptlab_paged_decode_bf16(const float *Q, const uint16_t *K, const uint16_t 
                               int64_t nkv, int64_t hs, int64_t bs, int64_t width, float scale) {
     paged_decode(Q, K, V, tables, first, last, Out, R, nh, nkv, hs, bs, width, scale, 1);
 }
+
+/* The step's new keys and values into their slots, then decode attention, in one call (the engine's decode-only
+ * steps: one new token per row, in row order). q, k, v: row r, head h, element d at base + r * row + h * head + d,
+ * all fp32 or all bf16 (new_bf16); the pools fp32 or bf16 (pool_bf16); slots (R) each row's slot; Out (R, nh, hs)
+ * in q's dtype. */
+void gptlab_paged_store_decode(const void *Qn, const void *Kn, const void *Vn, int64_t q_row, int64_t q_head,
+                               int64_t k_row, int64_t k_head, int64_t v_row, int64_t v_head, int64_t new_bf16,
+                               const int64_t *slots, void *K, void *V, int64_t pool_bf16, const int64_t *tables,
+                               const int64_t *first, const int64_t *last, void *Out, int64_t R, int64_t nh,
+                               int64_t nkv, int64_t hs, int64_t bs, int64_t width, float scale) {
+    int64_t hp = (hs + 1) / 2;
+    for (int64_t r = 0; r < R; r++) {
+        int64_t block = slots[r] / bs, off = slots[r] % bs;
+        for (int64_t g = 0; g < nkv; g++)
+            for (int64_t d = 0; d < hs; d++) {
+                float kv = load1(Kn, r * k_row + g * k_head + d, (int)new_bf16);
+                float vv = load1(Vn, r * v_row + g * v_head + d, (int)new_bf16);
+                int64_t ke = (((block * nkv + g) * hp + d / 2) * bs + off) * 2 + d % 2;
+                int64_t ve = ((block * bs + off) * nkv + g) * hs + d;
+                if (pool_bf16) {
+                    ((uint16_t *)K)[ke] = f32_to_bf16(kv);
+                    ((uint16_t *)V)[ve] = f32_to_bf16(vv);
+                } else {
+                    ((float *)K)[ke] = kv;
+                    ((float *)V)[ve] = vv;
+                }
+            }
+    }
+    float *q = (float *)malloc(sizeof(float) * R * nh * hs * 2), *o = q + R * nh * hs;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t h = 0; h < nh; h++)
+            for (int64_t d = 0; d < hs; d++) q[(r * nh + h) * hs + d] = load1(Qn, r * q_row + h * q_head + d, (int)new_bf16);
+    paged_decode(q, K, V, tables, first, last, o, R, nh, nkv, hs, bs, width, scale, (int)pool_bf16);
+    for (int64_t i = 0; i < R * nh * hs; i++) {
+        if (new_bf16) ((uint16_t *)Out)[i] = f32_to_bf16(o[i]);
+        else ((float *)Out)[i] = o[i];
+    }
+    free(q);
+}
