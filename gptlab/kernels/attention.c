@@ -376,7 +376,8 @@ void gptlab_paged_store_decode(const void *Qn, const void *Kn, const void *Vn, i
     float *q = (float *)malloc(sizeof(float) * R * nh * hs * 2), *o = q + R * nh * hs;
     for (int64_t r = 0; r < R; r++)
         for (int64_t h = 0; h < nh; h++)
-            for (int64_t d = 0; d < hs; d++) q[(r * nh + h) * hs + d] = load1(Qn, r * q_row + h * q_head + d, (int)new_bf16);
+            for (int64_t d = 0; d < hs; d++)
+                q[(r * nh + h) * hs + d] = load1(Qn, r * q_row + h * q_head + d, (int)new_bf16);
     paged_decode(q, K, V, tables, first, last, o, R, nh, nkv, hs, bs, width, scale, (int)pool_bf16);
     for (int64_t i = 0; i < R * nh * hs; i++) {
         if (new_bf16) ((uint16_t *)Out)[i] = f32_to_bf16(o[i]);
