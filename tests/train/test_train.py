@@ -286,6 +286,25 @@ def test_training_beats_the_unigram_entropy_on_python_docs(pydocs, tmp_path, tin
     assert abs(ppl["int8"] / ppl[None] - 1) < 0.01, ppl
     assert abs(ppl["int4"] / ppl[None] - 1) < 0.05, ppl
 
+    # and on the decode path: one token per forward through a KV cache, so every product is quant.c's few-row
+    # kernel (whose int8 rounds the activations too on AVX512-VNNI CPUs)
+    from gptlab.models.kvcache import DenseCache
+
+    ids = torch.tensor(np.asarray(val.shards[0][:200], dtype=np.int64))  # 200 tokens: 3 windows of 64 + 8
+    decode = {}
+    for q in (None, "int8", "int4"):
+        m = gptlab.load(tmp_path / "model", quantize=q)
+        nll = []
+        with torch.no_grad():
+            for start in range(0, len(ids) - 1, 64):
+                window = ids[start:start + 65]
+                cache = DenseCache.for_model(m, 1, 64)
+                logits = torch.cat([m(window[None, i:i + 1], cache=cache)[0] for i in range(len(window) - 1)])
+                nll.append(torch.nn.functional.cross_entropy(logits.float(), window[1:], reduction="none"))
+        decode[q] = float(torch.cat(nll).mean().exp())
+    assert abs(decode["int8"] / decode[None] - 1) < 0.01, decode
+    assert abs(decode["int4"] / decode[None] - 1) < 0.05, decode
+
 
 # ---------------------------------------------------------------------------------------------------------
 # the command
