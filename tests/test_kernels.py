@@ -287,19 +287,24 @@ def test_paged_decode_does_not_depend_on_thread_count_and_refuses_what_it_cannot
         kernels.paged_decode(args[0], kp, vp, tables.int(), *args[4:])
 
 
-def _q8_rounded_reference(x, q, scale, bias):
-    """quant.c's int8 product on AVX512-VNNI, in float64 from the same integers: each activation row rounded to int8
-    with one scale per lane group ((k % 64) // 4), ties to even; exact integer sums per group, scaled."""
+def _rounded_reference(x, kind, q, scale, bias):
+    """quant.c's int8 / int4 products on AVX512-VNNI, in float64 from the same integers: each activation row rounded
+    to int8 with one scale per lane group ((k % 64) // 4), ties to even; integer products, each scaled by its
+    weight's scale and its activation's."""
+    from gptlab.models.quant import GROUP, dequantize
+
     K = x.shape[-1]
     group = (torch.arange(K) % 64) // 4  # (K,)
     amax = torch.zeros(x.shape[0], 16).scatter_reduce(1, group.expand(x.shape[0], K), x.abs(), "amax")
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))  # fp32, as the kernel computes it
-    qx = torch.round(x * inv[:, group]).clamp(-127, 127)  # (rows, K)
-    sums = torch.zeros(x.shape[0], q.shape[0], 16, dtype=torch.float64)
-    for g in range(16):
-        cols = group == g
-        sums[:, :, g] = qx[:, cols].double() @ q[:, cols].double().T  # exact: small integers
-    y = (sums * (amax / 127.0).double()[:, None, :]).sum(-1) * scale.double()
+    qx = torch.round(x * inv[:, group]).clamp(-127, 127).double()  # (rows, K)
+    if kind == "int8":
+        wi, ws = q.double(), scale.double()[:, None].expand(-1, K)
+    else:
+        wi = dequantize("int4", q, torch.ones_like(scale)).double()  # nibble - 8
+        ws = scale.double().repeat_interleave(GROUP, dim=1)
+    xs = (amax / 127.0).double()[:, group]  # (rows, K)
+    y = (qx * xs) @ (wi * ws).T
     return (y + (0 if bias is None else bias.double())).float()
 
 
@@ -309,8 +314,8 @@ def _q8_rounded_reference(x, q, scale, bias):
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quant_kernel_equals_f_linear_on_every_level(level, kind, n, k, rows, threads):
-    """int8 / int4 products equal F.linear on the dequantized weights; where the int8 build rounds activations
-    (VNNI), they equal that rounding's exact result, and stay within its error bound of F.linear."""
+    """int8 / int4 products equal F.linear on the dequantized weights; where the build rounds activations (VNNI),
+    they equal that rounding's exact result, and stay within its error bound of F.linear."""
     from gptlab.models.quant import dequantize, quantize_int4, quantize_int8
 
     if kind == "int4" and k % 32:
@@ -329,10 +334,10 @@ def test_quant_kernel_equals_f_linear_on_every_level(level, kind, n, k, rows, th
         kernels._quant = real
         torch.set_num_threads(before)
     exact = F.linear(x, dequantize(kind, q, s), b)
-    if kind == "int4" or not kernels.q8_rounds_activations(lib):
+    if not kernels.rounds_activations(lib):
         torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-4)
         return
-    ref = _q8_rounded_reference(x, q, s, b)
+    ref = _rounded_reference(x, kind, q, s, b)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max().clamp(min=1)))
     # rounding error: each activation moves by at most half its group's step
     group = (torch.arange(k) % 64) // 4

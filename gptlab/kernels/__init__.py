@@ -53,7 +53,7 @@ def _signatures(name: str, cdll: ctypes.CDLL) -> None:
         for fn in (cdll.gptlab_linear_q8, cdll.gptlab_linear_q4):
             fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
             fn.restype = None
-        cdll.gptlab_q8_rounds_activations.restype = ctypes.c_int
+        cdll.gptlab_quant_rounds_activations.restype = ctypes.c_int
     elif name == "attention":
         for fn in (cdll.gptlab_paged_decode_f32, cdll.gptlab_paged_decode_bf16):
             fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
@@ -88,10 +88,10 @@ def _attention() -> ctypes.CDLL | None:
     return library("attention")
 
 
-def q8_rounds_activations(lib: ctypes.CDLL | None = None) -> bool:
-    """Whether quant.c's int8 product rounds the activations to int8 too (its AVX512-VNNI build; see quant.c)."""
+def rounds_activations(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether quant.c's int8 and int4 products round the activations to int8 too (its AVX512-VNNI build)."""
     lib = lib or _quant()
-    return bool(lib is not None and lib.gptlab_q8_rounds_activations())
+    return bool(lib is not None and lib.gptlab_quant_rounds_activations())
 
 
 QUANT_MAX_ROWS = 16  # rows quant.c takes (each reads the weights once more); past that, dequantize + GEMM wins
@@ -246,7 +246,7 @@ def status() -> dict[str, str]:
         "onednn": f"in use (fp32, up to {ONEDNN_MAX_ROWS} rows and vocabulary heads)" if _onednn()
         else _why_not["onednn"],
         "quant": (f"in use ({level}; int8 / int4 weights, up to {QUANT_MAX_ROWS} rows"
-                  + ("; int8 by VNNI dot products, activations rounded to int8)" if q8_rounds_activations() else ")"))
+                  + ("; by VNNI dot products, activations rounded to int8)" if rounds_activations() else ")"))
         if _quant() else _why_not["quant"],
     }
 

@@ -145,8 +145,8 @@ void gptlab_linear_q8(const float *X, const int8_t *W, const float *scale, const
 }
 #endif
 
-/* whether gptlab_linear_q8 rounds the activations to int8 (the VNNI build) */
-int gptlab_q8_rounds_activations(void) {
+/* whether gptlab_linear_q8 and _q4 round the activations to int8 (the VNNI build) */
+int gptlab_quant_rounds_activations(void) {
 #if defined(__AVX512VNNI__)
     return 1;
 #else
@@ -205,6 +205,62 @@ static inline void q4_rows(const uint8_t *W, const float *scale, const float *b,
     for (int j = 0; j < n_rows; j++) y[r + j] = vsum(acc[j]) + (b ? b[r + j] : 0.0f);
 }
 
+#if defined(__AVX512VNNI__)
+/* int4 by VPDPBUSD too, against the same rounded activations as int8: a chunk of 64 weights (two groups, 32
+ * bytes) is unpacked to 64 unsigned nibbles (q + 8) in order, so lane l again sums elements 4l..4l+3 of the
+ * chunk; 8 * (those qx) is taken off, and each lane is scaled by its group's weight scale times its lane
+ * group's activation scale, chunk by chunk. */
+static inline void q4_rows_vnni(const uint8_t *W, const float *scale, const float *b, const qrow *x, float *y,
+                                int64_t r, int64_t n_rows, int64_t K, const uint8_t *next) {
+    int64_t groups = K / G;
+    const uint8_t *w[4];
+    const float *s[4];
+    for (int j = 0; j < 4; j++) {
+        int64_t q = r + (j < n_rows ? j : 0);
+        w[j] = W + q * (K / 2), s[j] = scale + q * groups;
+    }
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m512i eight = _mm512_set1_epi8(8);
+    int64_t line = 0, lines = next ? 4 * K / 2 / 64 : 0, per = lines / ((K + 63) / 64) + 1;
+    for (int64_t i = 0; i < K; i += 64) {
+        for (int64_t p = 0; p < per && line < lines; p++) _mm_prefetch((const char *)next + 64 * line++, _MM_HINT_T0);
+        int two = i + 64 <= K;  /* both groups of the chunk exist (K is a multiple of 32) */
+        __m512i xq = _mm512_loadu_si512(x->q + i);
+        __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, xq);  /* 8 * each lane's qx */
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *wp = w[j] + i / 2;
+            __m256i bytes = two ? _mm256_loadu_si256((const __m256i *)wp) : _mm256_maskz_loadu_epi8(0xFFFF, wp);
+            __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  /* g0 lo, g1 lo, g0 hi, g1 hi */
+            z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));          /* g0 lo, g0 hi, g1 lo, g1 hi */
+            __m512i sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), z, xq), corr);
+            float s0 = s[j][i / G], s1 = two ? s[j][i / G + 1] : 0.0f;
+            __m512 ws = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);  /* lanes 0-7, 8-15 */
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws, x->scale), acc[j]);
+        }
+    }
+    for (int j = 0; j < n_rows; j++) y[r + j] = _mm512_reduce_add_ps(acc[j]) + (b ? b[r + j] : 0.0f);
+}
+
+void gptlab_linear_q4(const float *X, const uint8_t *W, const float *scale, const float *b, float *Y, int64_t M,
+                      int64_t N, int64_t K) {
+    int64_t blocks = (N + 3) / 4, Kp = (K + 63) / 64 * 64;
+    qrow *xs = (qrow *)aligned_alloc(64, sizeof(qrow) * M);
+    int8_t *q = (int8_t *)aligned_alloc(64, (size_t)(M * Kp));
+    for (int64_t m = 0; m < M; m++) {
+        xs[m].q = q + m * Kp;
+        quantize_row(X + m * K, K, xs + m);
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t r = blk * 4, n_rows = N - r < 4 ? N - r : 4;
+        const uint8_t *next = r + 8 <= N ? W + (r + 4) * (K / 2) : 0;
+        for (int64_t m = 0; m < M; m++) q4_rows_vnni(W, scale, b, xs + m, Y + m * N, r, n_rows, K, m ? 0 : next);
+    }
+    free(q), free(xs);
+}
+#else
 void gptlab_linear_q4(const float *X, const uint8_t *W, const float *scale, const float *b, float *Y, int64_t M,
                       int64_t N, int64_t K) {
     int64_t blocks = (N + 3) / 4;
@@ -214,3 +270,4 @@ void gptlab_linear_q4(const float *X, const uint8_t *W, const float *scale, cons
         for (int64_t m = 0; m < M; m++) q4_rows(W, scale, b, X + m * K, Y + m * N, r, n_rows, K);
     }
 }
+#endif
