@@ -93,7 +93,7 @@ LIMITS: dict[str, Limit] = {
     "max_new_tokens": _int(1), "temperature": _float(0), "top_k": _int(1), "top_p": _float(0, 1, low_open=True),
     "min_p": _float(0, 1), "repetition_penalty": _float(0, low_open=True), "presence_penalty": _float(-2, 2),
     "frequency_penalty": _float(-2, 2), "no_repeat_ngram_size": _int(0), "n": _int(1), "logprobs": _int(0, 20),
-    "thinking_budget": _int(0),
+    "thinking_budget": _int(0), "draft_tokens": _int(1, 16),
     # data
     "prepare_val_fraction": _float(0, 0.5, low_open=True, high_open=True), "dedup_threshold": _float(0, 1, low_open=True),
     "num_perm": _int(16, 1024), "ngram": _int(8, note="shorter n-grams match common phrases"), "max_train_docs": _int(1),

@@ -16,6 +16,11 @@ finished ones leave. All their new tokens run as one flattened forward pass over
 then each sequence that has computed all its tokens samples its next one by its own Sampling (sampling.py).
 Requests join and leave at every step; a request's greedy output does not depend on what else is in the
 batch, and a seeded request samples from its own generator.
+
+With a draft model (`Engine(model, tok, cfg, draft=small)`: speculative decoding, gptlab/infer/speculative.py),
+each decoding sequence whose options allow it gets `draft_tokens` proposals from the draft, and the target
+checks them as one multi-token segment of the same forward pass: greedy output stays token for token what it
+is without the draft, sampled output keeps the target's distribution.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from gptlab.limits import check_fields
 from gptlab.infer.paged import PagedCache, Segment
 from gptlab.infer.sampling import Row, Sampling, TokenLogprobs, sample_rows
 from gptlab.infer.scheduler import BlockManager, QueueFull, Scheduler, Sequence, Status
+from gptlab.infer.speculative import Drafter, check_draft, speculates
 from gptlab.infer.structured import Grammars
 from gptlab.infer.text import TextRow, fit_prompt, stop_ids
 from gptlab.infer.thinking import ThinkState, opened_by, thinking_tags
@@ -68,9 +74,10 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None  # KV pool bytes ("2GiB"); None: max_batch full contexts, <= 2 GiB
     num_blocks: int | None = None  # the KV pool in blocks (overrides kv_cache_memory)
     max_waiting: int = 1024  # requests queued beyond the running batch; more are refused (QueueFull)
+    draft_tokens: int = 4  # with a draft model: tokens it proposes per step for each decoding sequence
 
     def __post_init__(self) -> None:
-        check_fields(self, ("max_batch", "max_batched_tokens", "block_size", "max_waiting"))
+        check_fields(self, ("max_batch", "max_batched_tokens", "block_size", "max_waiting", "draft_tokens"))
 
 
 @dataclass
@@ -134,19 +141,24 @@ class _State:
     matcher: Any = None  # the llguidance matcher of a constrained sample (structured.py)
     masked: bool = False  # this step's token was sampled under the constraint (not inside a reasoning block)
     adapter: str | None = None  # the named LoRA adapter its rows run through (None: the base model)
+    speculate: bool = False  # the draft proposes its tokens (speculative.speculates: options the rule honours)
 
 
 _request_ids = itertools.count()
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None) -> None:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, draft=None) -> None:
+        """draft: a small model of the same tokenizer for speculative decoding (its KV pool shares the memory)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = cfg = config or EngineConfig()
         c = model.config
         w = model.wte.weight
         self.device, self.dtype = w.device, w.dtype
         per_block = PagedCache.bytes_per_block(c, cfg.block_size, w.dtype)
+        if draft is not None:
+            check_draft(c, draft.config)
+            per_block += Drafter.bytes_per_block(draft, cfg.block_size)
         if cfg.num_blocks is not None:
             num_blocks = cfg.num_blocks
         elif cfg.kv_cache_memory is not None:
@@ -159,7 +171,9 @@ class Engine:
             num_blocks = max(1, min(full, (2 << 30) // per_block))
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.cache = PagedCache(c, num_blocks, cfg.block_size, w.dtype, w.device)
-        self.scheduler = Scheduler(self.blocks, cfg.max_batch, cfg.max_batched_tokens, cfg.max_waiting)
+        self.drafter = Drafter(draft, cfg.draft_tokens, num_blocks, cfg.block_size) if draft is not None else None
+        self.scheduler = Scheduler(self.blocks, cfg.max_batch, cfg.max_batched_tokens, cfg.max_waiting,
+                                   lookahead=self._lookahead if draft is not None else None)
         self.tags = thinking_tags(tokenizer)
         self.requests: dict[str, list[Sequence]] = {}
         self._grammars: Grammars | None = None
@@ -224,6 +238,7 @@ class Engine:
             if grammar is not None:
                 state.matcher = self.grammars.matcher(s.constraint)
             state.adapter = adapter
+            state.speculate = self.drafter is not None and adapter is None and speculates(s, self.tags is not None)
             seq = Sequence(list(ids), len(ids), state, leader=seqs[0] if seqs else None,
                            cache_salt=hash(("lora", adapter)) if adapter is not None else 0)
             self.scheduler.add(seq)
@@ -256,29 +271,55 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.seqs:
             return []
+        drafts = [None] * len(plan.seqs) if self.drafter is None else \
+            self.drafter.propose(plan.seqs, plan.counts, plan.lookahead)
         ids, segments, start = [], [], 0
         routes: dict[str, list[int]] = {}  # adapter -> its rows of the flattened batch
-        for seq, n in zip(plan.seqs, plan.counts):
-            ids += seq.tokens[seq.num_computed:seq.num_computed + n]
-            segments.append(Segment(start, n, seq.num_computed, seq.block_table))
+        for seq, n, d in zip(plan.seqs, plan.counts, drafts):
+            new = seq.tokens[seq.num_computed:seq.num_computed + n] + (d.tokens if d is not None else [])
+            ids += new
+            segments.append(Segment(start, len(new), seq.num_computed, seq.block_table))
             if seq.data.adapter is not None:
-                routes.setdefault(seq.data.adapter, []).extend(range(start, start + n))
-            start += n
+                routes.setdefault(seq.data.adapter, []).extend(range(start, start + len(new)))
+            start += len(new)
         positions = self.cache.prepare(segments)
         with lora_routing({a: torch.tensor(r, device=self.device) for a, r in routes.items()}):
             hidden = self.model(torch.tensor([ids], device=self.device), positions=positions, cache=self.cache,
                                 return_hidden=True)  # (1, N, C)
-        sampling, last = [], []
-        for seq, n, seg in zip(plan.seqs, plan.counts, segments):
+        sampling, last, verify = [], [], []
+        for seq, n, seg, d in zip(plan.seqs, plan.counts, segments, drafts):
             if seq.num_computed < seq.num_prompt:
                 self.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
+            if d is not None:  # what it computed is known once the target has checked the proposals
+                verify.append((seq, seg, d))
+                continue
             seq.num_computed += n
             self.blocks.computed(seq)
             if seq.pending == 0:  # all its tokens have keys and values: it samples the next one
                 sampling.append(seq)
                 last.append(seg.start + n - 1)
-        if not sampling:
-            return []
+        deltas = self._verify(hidden, verify) if verify else []
+        return deltas + (self._sample(hidden, sampling, last) if sampling else [])
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Proposals a decoding sequence takes this step (the scheduler's question): k, fewer near its max_tokens
+        (a step's last token is the target's own), none for requests the rule cannot honour exactly."""
+        return min(self.config.draft_tokens, seq.data.max_len - len(seq) - 1) if seq.data.speculate else 0
+
+    def _verify(self, hidden: torch.Tensor, verify: list) -> list[Delta]:
+        """The target's verdict on each sequence's [pending token, proposals]: the kept proposals and one token
+        of its own, cut where plain decoding would stop (EOS, a stop string, max_tokens, the context)."""
+        rows = [r for _, seg, _ in verify for r in range(seg.start, seg.start + seg.length)]
+        logits = self.model.lm_head(hidden[0, torch.tensor(rows, device=self.device)])  # (rows, V)
+        deltas, at = [], 0
+        for seq, seg, d in verify:
+            new, kept = self.drafter.accept(logits[at:at + seg.length], d, seq.data)
+            at += seg.length
+            # keys and values stand for the pending token and the kept proposals; the rest get overwritten
+            deltas.append(self._advance(seq, new, None, computed=seg.context + 1 + kept))
+        return deltas
+
+    def _sample(self, hidden: torch.Tensor, sampling: list[Sequence], last: list[int]) -> list[Delta]:
         logits = self.model.lm_head(hidden[0, torch.tensor(last, device=self.device)])  # (R, V)
         masked = []
         for i, q in enumerate(sampling):
@@ -293,17 +334,22 @@ class Engine:
                                [sampling[i].data.eos for i in masked])
         rows = [Row(q.data.sampling, q.tokens, q.num_prompt, q.data.generator) for q in sampling]
         tokens, logprobs = sample_rows(logits, rows, model_logits)
-        return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
+        return [self._advance(seq, [tok], lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
 
-    def _advance(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> Delta:
+    def _advance(self, seq: Sequence, tokens: list[int], logprobs: TokenLogprobs | None,
+                 computed: int | None = None) -> Delta:
+        """Append a step's tokens (one sampled token, or a verified run) one by one until one ends the sequence.
+        computed: how many of its tokens now have keys and values (a verified run; else unchanged)."""
         st, out = seq.data, seq.data.out
         new_ids, new_lps, text = [], [], []
         before = out.num_tokens
-        self.generated_tokens += 1
-        out.num_tokens += 1
-        if token in st.eos:
-            finish = "stop"
-        else:
+        finish = None
+        for token in tokens:
+            self.generated_tokens += 1
+            out.num_tokens += 1
+            if token in st.eos:
+                finish = "stop"
+                break
             complete = st.masked and self.grammars.advance(st.matcher, token)
             seq.tokens.append(token)
             forced = []
@@ -319,11 +365,15 @@ class Engine:
                     text.append(st.text.add(t))
             if logprobs is not None:
                 new_lps.append(logprobs)
-            finish = None
             if complete or (st.text is not None and st.text.finished):
                 finish = "stop"
             elif len(seq.tokens) >= st.max_len or len(seq.tokens) >= self.model.config.context_length:
                 finish = "length"
+            if finish is not None:
+                break
+        if computed is not None:
+            seq.num_computed = min(computed, len(seq.tokens))
+            self.blocks.computed(seq, seq.num_drafted)  # full blocks of kept tokens both models have read
         if finish is not None and st.text is not None:
             text.append(st.text.rest())
         out.token_ids += new_ids
@@ -372,11 +422,13 @@ class Engine:
             self.requests.pop(rid, None)
 
     # ---- state ----
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
+        """Numbers for /metrics; with a draft also spec_drafts (rounds), spec_draft_tokens (proposals),
+        spec_accepted_tokens (proposals kept) and spec_accepted_per_pos (per place in a round)."""
         return {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.blocks.usage(), "kv_blocks": self.blocks.num_blocks,
             "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
             "preemptions": self.scheduler.preemptions, "generated_tokens": self.generated_tokens,
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": self.prompt_tokens, **(self.drafter.stats() if self.drafter is not None else {}),
         }

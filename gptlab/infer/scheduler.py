@@ -11,13 +11,16 @@
   token (or the rest of a prompt chunk); waiting sequences are admitted while the token budget, the batch
   limit and free blocks allow; a long prompt is prefilled in chunks so it does not stall the others. When
   a running sequence needs a block and none is free, the most recently admitted one is preempted: its
-  blocks are freed and it waits again, to be recomputed from its tokens.
+  blocks are freed and it waits again, to be recomputed from its tokens. With a draft model (speculative
+  decoding), a decoding sequence also gets slots for the draft's proposals where the budget and free blocks
+  allow (`lookahead`); those never preempt anything.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -45,6 +48,8 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose keys and values are in the blocks
     num_hashed: int = 0  # leading full blocks registered in the prefix cache
     num_cached: int = 0  # prompt tokens found in the prefix cache at the last admission
+    num_drafted: int = 0  # leading tokens whose keys and values are in the draft's pool (speculative decoding;
+    # only the first min(num_drafted, num_computed) count)
     leader: "Sequence | None" = None  # the first of n samples: admitted after its prompt is cached
     cache_salt: int = 0  # starts its blocks' hash chain: sequences whose keys differ for the same tokens
     # (a LoRA adapter's) never share cached blocks
@@ -125,7 +130,7 @@ class BlockManager:
             self.ref[block] += 1
         seq.block_table = reused
         seq.num_hashed = len(reused)
-        seq.num_computed = seq.num_cached = len(reused) * bs
+        seq.num_computed = seq.num_cached = seq.num_drafted = len(reused) * bs
 
     def count_admission(self, seq: Sequence) -> None:
         """Prefix-cache statistics of an admitted sequence (prompt tokens looked up and found)."""
@@ -140,9 +145,10 @@ class BlockManager:
         while len(seq.block_table) < self.blocks_for(n_tokens):
             seq.block_table.append(self._take())
 
-    def computed(self, seq: Sequence) -> None:
-        """Register the blocks seq has filled since the last call (their tokens now have keys and values)."""
-        full = seq.num_computed // self.block_size
+    def computed(self, seq: Sequence, upto: int | None = None) -> None:
+        """Register the blocks seq has filled since the last call (their tokens now have keys and values), within
+        its first `upto` tokens (default: all it has computed; with a draft: what both models have read)."""
+        full = (seq.num_computed if upto is None else min(upto, seq.num_computed)) // self.block_size
         for i in range(seq.num_hashed, full):
             block = seq.block_table[i]
             h = self._hash(seq, i)
@@ -166,16 +172,21 @@ class BlockManager:
 
 @dataclass
 class Step:
-    """What one forward pass computes: for each sequence, how many of its pending tokens."""
+    """What one forward pass computes: for each sequence, how many of its pending tokens, and how many slots
+    after them it may fill with a draft's proposals (speculative decoding; 0 without a draft)."""
 
     seqs: list[Sequence]
     counts: list[int]
+    lookahead: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int, max_tokens: int, max_waiting: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch: int, max_tokens: int, max_waiting: int,
+                 lookahead: Callable[[Sequence], int] | None = None) -> None:
+        """lookahead(seq): proposal slots a decoding sequence wants this step (a draft model's; None: no draft)."""
         self.blocks = blocks
+        self.lookahead = lookahead
         self.max_batch, self.max_tokens, self.max_waiting = max_batch, max_tokens, max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -229,6 +240,9 @@ class Scheduler:
             step.counts.append(n)
             budget -= n
             i += 1
+        step.lookahead = [0] * len(step.seqs)
+        if self.lookahead is not None:
+            budget = self._reserve(step, budget)
         # then waiting ones, first come first served, while the batch, the budget and the blocks allow
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
@@ -247,8 +261,24 @@ class Scheduler:
             self.running.append(seq)
             step.seqs.append(seq)
             step.counts.append(n)
+            step.lookahead.append(0)
             budget -= n
         return step
+
+    def _reserve(self, step: Step, budget: int) -> int:
+        """Slots for draft proposals after each decoding sequence's pending token, within the token budget and
+        the free blocks (never preempting: a sequence without room decodes one token); returns the budget left."""
+        bs = self.blocks.block_size
+        for j, seq in enumerate(step.seqs):
+            if seq.pending != 1 or budget <= 0:
+                continue
+            room = (len(seq.block_table) + self.blocks.num_free) * bs - seq.num_computed - 1
+            want = min(self.lookahead(seq), budget, room)
+            if want > 0:
+                self.blocks.grow(seq, seq.num_computed + 1 + want)
+                step.lookahead[j] = want
+                budget -= want
+        return budget
 
 
 class QueueFull(GptlabError):
