@@ -30,6 +30,8 @@ def serve(
     quantize: Literal["int8", "int4"] | None = None,
     device: str = "cpu",
     lora: list[str] | None = None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
     log_level: str = "info",
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat playground at http://HOST:PORT/.
@@ -37,7 +39,8 @@ def serve(
     /v1/completions and /v1/chat/completions (streaming, n, stop, seed, logprobs, Qwen3 reasoning apart as
     reasoning_content and a thinking_token_budget), response_format / structured_outputs constraints, tools,
     /v1/models, /health, /metrics, /tokenize, /detokenize. --lora NAME=DIR serves a PEFT adapter beside the
-    base as model NAME; requests for different adapters share the engine's batches.
+    base as model NAME; requests for different adapters share the engine's batches. --draft DIR decodes
+    speculatively with a small model of the same tokenizer (the same output; /metrics counts its acceptance).
     Binds to 127.0.0.1 unless told otherwise; SIGTERM finishes the requests in flight, then exits.
     docs/serving.md has every field.
 
@@ -58,6 +61,8 @@ def serve(
         quantize: int8 or int4: integer weights, faster CPU decode (not with --lora)
         device: cpu, cuda, ...
         lora: NAME=DIR, a PEFT LoRA adapter dir served as model NAME (repeat for more)
+        draft: a small model dir of the same tokenizer proposing tokens for the model to check (not with --lora)
+        draft_tokens: tokens the draft proposes per step for each request (1-16)
         log_level: uvicorn's: critical, error, warning, info, debug
     """
     import uvicorn
@@ -68,15 +73,19 @@ def serve(
     check("port", port)
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise GptlabError(f"log_level must be critical, error, warning, info or debug, got {log_level!r}")
-    hf.read_config(hf.resolve(model, hf.HUB_CONFIG_PATTERNS))  # a bad model fails here, before the server starts
+    # a bad model fails here, before the server starts
+    config = hf.read_config(hf.resolve(model, hf.HUB_CONFIG_PATTERNS))
     adapters = _adapters(lora or [], served_model_name or model)
     if quantize and adapters:
         raise GptlabError("--quantize cannot be combined with --lora: adapters attach to full-precision layers")
+    if draft is not None:
+        _check_draft(model, config, draft, draft_tokens, adapters)
     key = api_key or os.environ.get("GPTLAB_API_KEY") or None
     cfg = ServeConfig(model=model, served_model_name=served_model_name, api_key=key, max_batch=max_batch,
                       max_batched_tokens=max_batched_tokens, kv_cache_memory=kv_cache_memory,
                       thinking_budget=thinking_budget, max_tokens=max_tokens, max_n=max_n, max_waiting=max_waiting,
-                      dtype=dtype, quantize=quantize, device=device, lora=adapters)
+                      dtype=dtype, quantize=quantize, device=device, lora=adapters, draft=draft,
+                      draft_tokens=draft_tokens)
     app = create_app(cfg)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=60))
@@ -93,6 +102,19 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 1 if state.load_error else 0
+
+
+def _check_draft(model: str, config, draft: str, draft_tokens: int, adapters: dict) -> None:
+    """--draft checked before the server starts: its tokens per step, then its config and tokenizer against
+    the model's (gptlab.infer.speculative.check_draft)."""
+    from gptlab.infer.speculative import check_draft_dir
+    from gptlab.tokenizer import load_tokenizer
+
+    check("draft_tokens", draft_tokens)
+    if adapters:
+        raise GptlabError("--draft cannot be combined with --lora: the draft proposes the base model's tokens, and "
+                          "adapter requests would decode without it")
+    check_draft_dir(draft, config, load_tokenizer(model))
 
 
 def _adapters(specs: list[str], base: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ Routes: GET /v1/models (the base and its LoRA adapters), POST /v1/completions, P
 tools), GET /health (503 while the model loads), GET /metrics (Prometheus), POST /tokenize and /detokenize,
 GET / (the playground). Both endpoints take response_format / structured_outputs (serve/structured.py); a
 request's `model` naming an adapter runs its rows through that adapter, in the same batches as the others.
+With a draft model (`draft`), the engine decodes speculatively (gptlab/infer/speculative.py).
 Errors use OpenAI's body; client input never gets a 500. docs/serving.md has the fields, defaults and limits.
 """
 
@@ -59,6 +60,8 @@ class ServeConfig:
     quantize: str | None = None  # int8 / int4 integer weights (gptlab/models/quant.py)
     device: str = "cpu"
     lora: dict[str, str] = field(default_factory=dict)  # {served name: PEFT adapter dir}, beside the base
+    draft: str | None = None  # a small model dir of the same tokenizer: speculative decoding
+    draft_tokens: int = 4  # tokens the draft proposes per step for each decoding request
 
 
 class State:
@@ -81,16 +84,22 @@ class State:
         from gptlab.formats import hf
         from gptlab.tokenizer import load_tokenizer
 
+        c = self.cfg
         try:
-            tokenizer = load_tokenizer(self.cfg.model)
-            model = hf.load(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device, quantize=self.cfg.quantize)
-            self.start(model, tokenizer)
+            tokenizer = load_tokenizer(c.model)
+            model = hf.load(c.model, dtype=c.dtype, device=c.device, quantize=c.quantize)
+            draft = None
+            if c.draft is not None:
+                from gptlab.infer.speculative import load_draft
+
+                draft = load_draft(c.draft, model, tokenizer, dtype=c.dtype, device=c.device, quantize=c.quantize)
+            self.start(model, tokenizer, draft)
         except Exception as e:  # the thread must not die silently: report it, and /health says so
             self.load_error = str(e) if isinstance(e, GptlabError) else f"could not load {self.cfg.model}: {reason(e)}"
             if self.on_error is not None:
                 self.on_error(self.load_error)
 
-    def start(self, model, tokenizer) -> None:
+    def start(self, model, tokenizer, draft=None) -> None:
         c = self.cfg
         if c.lora:
             from gptlab.formats.peft import load_adapter
@@ -99,7 +108,8 @@ class State:
                 load_adapter(model, path, name=name)
             self.adapters = list(c.lora)
         engine = Engine(model, tokenizer, EngineConfig(max_batch=c.max_batch, max_batched_tokens=c.max_batched_tokens,
-                                                       kv_cache_memory=c.kv_cache_memory, max_waiting=c.max_waiting))
+                                                       kv_cache_memory=c.kv_cache_memory, max_waiting=c.max_waiting,
+                                                       draft_tokens=c.draft_tokens), draft=draft)
         self.model, self.tokenizer = model, tokenizer
         self.metrics = Metrics(lambda: self.engine.stats())
         self.engine = AsyncEngine(engine, self.metrics)
@@ -223,15 +233,15 @@ def _sse(obj: dict) -> str:
 # the app
 
 
-def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
-    """The server's ASGI app. With `model` and `tokenizer` it serves those (tests); else it loads cfg.model
-    in the background at start-up, answering 503 on /health until ready."""
+def create_app(cfg: ServeConfig, model=None, tokenizer=None, draft=None) -> FastAPI:
+    """The server's ASGI app. With `model` and `tokenizer` (and a `draft` model) it serves those (tests); else
+    it loads cfg.model (and cfg.draft) in the background at start-up, answering 503 on /health until ready."""
     state = State(cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if model is not None:
-            state.start(model, tokenizer)
+            state.start(model, tokenizer, draft)
         else:
             threading.Thread(target=state.load, name="gptlab-load", daemon=True).start()
         yield

@@ -1,5 +1,7 @@
 """/metrics in Prometheus' text format (prometheus_client): the engine's state, read when scraped, and the
-latency histograms the engine thread fills as tokens leave it. Names follow vLLM's where they exist."""
+latency histograms the engine thread fills as tokens leave it. Names follow vLLM's where they exist (vLLM's
+`vllm:` prefix is `gptlab_` here), the speculative-decoding counters included (only with a draft model):
+acceptance rate = accepted_tokens / draft_tokens, mean tokens per round = 1 + accepted_tokens / drafts."""
 
 from __future__ import annotations
 
@@ -31,6 +33,18 @@ class _EngineState:
                                ("gptlab_prefix_cache_hits", "prefix_cache_hits", "prompt tokens found cached"),
                                ("gptlab_num_preemptions", "preemptions", "sequences preempted for KV space")):
             yield CounterMetricFamily(name, doc, value=s[key])
+        if "spec_drafts" not in s:
+            return
+        for name, key, doc in (("gptlab_spec_decode_num_drafts", "spec_drafts", "rounds of draft proposals verified"),
+                               ("gptlab_spec_decode_num_draft_tokens", "spec_draft_tokens", "draft tokens proposed"),
+                               ("gptlab_spec_decode_num_accepted_tokens", "spec_accepted_tokens",
+                                "draft tokens accepted")):
+            yield CounterMetricFamily(name, doc, value=s[key])
+        per_pos = CounterMetricFamily("gptlab_spec_decode_num_accepted_tokens_per_pos",
+                                      "rounds whose proposal at this position was accepted", labels=["position"])
+        for i, n in enumerate(s["spec_accepted_per_pos"]):
+            per_pos.add_metric([str(i)], n)
+        yield per_pos
 
 
 class Metrics:
