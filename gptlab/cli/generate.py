@@ -11,6 +11,7 @@ from gptlab.limits import check
 from gptlab.formats import hf
 from gptlab.infer.generate import engine_for, generate
 from gptlab.infer.sampling import Sampling
+from gptlab.infer.speculative import load_draft
 from gptlab.tokenizer import load_tokenizer
 
 
@@ -67,21 +68,19 @@ def generate_command(
         dtype: float32, bfloat16 or float16 (default: the checkpoint's).
         quantize: int8 or int4: integer weights, faster CPU decode (default: none).
         draft: a small model dir of the same tokenizer: speculative decoding (the same output distribution).
-        draft_tokens: tokens the draft proposes per round.
+        draft_tokens: tokens the draft proposes per step (1-16).
         device: cpu, cuda, mps ...
     """
     prompts = prompt or [""]
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     check("num_samples", num_samples)
+    if draft is not None:
+        _draft_allows(draft_tokens, {"stream": stream, "repetition-penalty": repetition_penalty != 1.0,
+                                     "no-repeat-ngram-size": no_repeat_ngram_size, "json-schema": json_schema,
+                                     "regex": regex, "choice": choice, "grammar": grammar})
     m = hf.load(model, dtype=dtype, device=device, quantize=quantize)
     tok = load_tokenizer(model)
-    if draft is not None:
-        return _speculative(m, tok, prompts, draft, draft_tokens, num_samples, echo, stream, dtype, device,
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, unsupported=dict(
-                                stop=stop, repetition_penalty=repetition_penalty != 1.0,
-                                no_repeat_ngram_size=no_repeat_ngram_size,
-                                constraint=(json_schema, regex, choice, grammar) != (None,) * 4))
+    d = None if draft is None else load_draft(draft, m, tok, dtype=dtype, device=device, quantize=quantize)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
               stop=stop or [], seed=seed, truncate=truncate, constraint=_constraint(json_schema, regex, choice, grammar))
@@ -95,36 +94,30 @@ def generate_command(
         print()
         return 0
     s = Sampling(**kw, n=num_samples)  # n samples of a prompt share its cached blocks and differ by seed
-    engine = engine_for(m, tok, [max(1, len(tok.encode(p))) for p in prompts], s)
+    engine = engine_for(m, tok, [max(1, len(tok.encode(p))) for p in prompts], s, d, draft_tokens)
     texts = [(p, o.text) for p, r in zip(prompts, engine.generate(prompts, s)) for o in r.outputs]
     for i, (p, out) in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print((p if echo else "") + out)
+    if d is not None:
+        st = engine.stats()
+        made, kept = st["spec_draft_tokens"], st["spec_accepted_tokens"]
+        print(f"[draft: {kept}/{made} proposals accepted ({100 * kept / max(made, 1):.0f}%) in {st['spec_drafts']} "
+              f"rounds; {st['generated_tokens']} tokens]", file=sys.stderr)
     return 0
 
 
-def _speculative(m, tok, prompts, draft, k, num_samples, echo, stream, dtype, device, unsupported, **kw) -> int:
-    """--draft: one prompt at a time through gptlab.infer.speculative (plain temperature / top-k / top-p)."""
-    from gptlab.infer.speculative import speculative_generate
-    from gptlab.infer.text import stop_ids
-
-    given = [k.replace("_", "-") for k, v in unsupported.items() if v]
-    if given or num_samples > 1 or stream:
-        what = given + (["num-samples"] if num_samples > 1 else []) + (["stream"] if stream else [])
-        raise GptlabError(f"--draft decodes plain samples of one sequence; drop --{', --'.join(what)}")
-    d = hf.load(draft, dtype=dtype, device=device)
-    if tok.vocab_size > d.config.vocab_size or load_tokenizer(draft).encode("The with") != tok.encode("The with"):
-        raise GptlabError(f"--draft {draft} does not share the model's tokenizer")
-    eos = sorted(stop_ids(m.config, None, tok))
-    for prompt in prompts:
-        ids = tok.encode(prompt) or [eos[0] if eos else 0]
-        out = speculative_generate(m, d, ids, k=k, eos_ids=tuple(eos), **kw)
-        text = tok.decode([t for t in out.token_ids if t not in eos])
-        print((prompt if echo else "") + text)
-        print(f"[draft: {out.accepted}/{out.proposed} proposals accepted ({100 * out.acceptance:.0f}%), "
-              f"{out.rounds} target passes for {len(out.token_ids)} tokens]", file=sys.stderr)
-    return 0
+def _draft_allows(draft_tokens: int, given: dict) -> None:
+    """--draft with options the acceptance rule cannot honour exactly (a penalty or a constraint acts on each
+    token as it is chosen; the engine would decode such a request without the draft): refused, so that --draft
+    always means speculative decoding. --stream too: this command prints a draft's whole text and its
+    acceptance rate (the engine and the server stream with a draft)."""
+    check("draft_tokens", draft_tokens)
+    what = [flag for flag, v in given.items() if v not in (None, False, 0)]
+    if what:
+        raise GptlabError(f"--draft speeds up whole-text sampling (temperature, top-k, top-p, stop strings); "
+                          f"drop --{', --'.join(what)}")
 
 
 def _constraint(json_schema: str | None, regex: str | None, choice: list[str] | None, grammar: str | None):

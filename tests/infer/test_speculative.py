@@ -93,6 +93,11 @@ def test_generate_command_with_a_draft(tiny_gpt2_dir, capsys):
     out = capsys.readouterr()
     assert out.out.startswith("The with") and "8/8 proposals accepted (100%)" not in out.err  # 7 proposed at most
     assert "proposals accepted" in out.err
+    # on the engine: several prompts, samples and stop strings take the draft too
+    assert cli.main(args[:2] + ["--prompt", "The with", "A class", "--max-new-tokens", "8", "--num-samples", "2",
+                                "--stop", "zz", "--draft", str(tiny_gpt2_dir)]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("--- sample") == 4 and "proposals accepted" in out.err
     assert cli.main(args + ["--draft", str(tiny_gpt2_dir), "--stream"]) == 1
     assert "drop --stream" in capsys.readouterr().err
     assert cli.main(args + ["--quantize", "int8"]) == 0  # integer weights through the same command
