@@ -99,19 +99,22 @@ QUANT_MAX_ROWS = 16  # rows quant.c takes (each reads the weights once more); pa
 
 def quant_linear(x: torch.Tensor, kind: str, q: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ dequant(q, scales).T + bias by quant.c (int8 / int4 weights), or None where it does not run here."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu" or not 0 < rows <= QUANT_MAX_ROWS or (lib := _quant()) is None:
-        return None
-    N = q.shape[0]
+    """x @ dequant(q, scales).T + bias by quant.c (int8 / int4 weights), or None where it does not run here.
+    Decode calls this for every layer of every token, so fp32 (the usual case) takes no conversions."""
     K = x.shape[-1]
-    xf = x.float().contiguous()
-    bf = None if bias is None else bias.float().contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    rows = x.numel() // K if K else 0
+    if not 0 < rows <= QUANT_MAX_ROWS or x.device.type != "cpu" or (lib := _quant()) is None:
+        return None
+    fp32 = x.dtype is torch.float32
+    xf = x.contiguous() if fp32 else x.float().contiguous()
+    if bias is not None and bias.dtype is not torch.float32:
+        bias = bias.float()
+    N = q.shape[0]
+    y = xf.new_empty(x.shape[:-1] + (N,))
     fn = lib.gptlab_linear_q8 if kind == "int8" else lib.gptlab_linear_q4
-    fn(xf.data_ptr(), q.data_ptr(), scales.data_ptr(), None if bf is None else bf.data_ptr(), y.data_ptr(),
+    fn(xf.data_ptr(), q.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
        rows, N, K)
-    return y.to(x.dtype)
+    return y if fp32 else y.to(x.dtype)
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
