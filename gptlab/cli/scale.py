@@ -81,21 +81,24 @@ def scale_predict(fit: str, flops: float | None = None, params: float | None = N
 
 
 @command("scale sweep")
-def scale_sweep(recipe: str | None = None, budgets: str = "4e10,1.2e11,4e11,1.2e12", sizes: str | None = None,
-                seeds: str = "0", per_budget: int = 5, out: str = "scale-sweep") -> int:
+def scale_sweep(recipe: str | None = None, budgets: str = "3e11,1e12,3e12", sizes: str | None = None,
+                seeds: str = "0", per_budget: int = 5, workers: int = 0, out: str = "scale-sweep") -> int:
     """Train a compute sweep: for each budget, `gptlab train` runs of the sizes that bracket its optimum,
     each stopped by the budget (--max-flops). Resumable: finished runs (OUT/runs.jsonl) are skipped.
+    Without a recipe, each run's batch, learning rate and warm-up follow its budget and width
+    (docs/scaling.md); a recipe's own values are used as they are.
 
       gptlab scale sweep --budgets 1e11,1e12,1e13 --out sweep
       gptlab scale sweep my-recipe.yaml --budgets 1e15,1e16 --sizes 4x256,6x384,8x512 --out sweep
 
     Args:
         recipe: a TrainConfig recipe (YAML) as the base of every run (default: python-docs, 512-token
-            BPE, context 64, batch 16)
+            BPE, context 64, Qwen3's layout, AdamW)
         budgets: comma-separated compute budgets (FLOPs)
-        sizes: LAYERSxWIDTH shapes to choose from (default: 4 layers, ~13K to 3.3M parameters)
+        sizes: LAYERSxWIDTH shapes to choose from (default: 4 layers, ~16K to 4.3M parameters)
         seeds: comma-separated seeds; every run once per seed
-        per_budget: sizes per budget (those nearest 100 tokens per parameter)
+        per_budget: sizes per budget (those nearest 8 tokens per parameter)
+        workers: runs side by side (0: one per CPU core on a CPU, 1 on a GPU)
         out: output dir (-o): runs.jsonl and runs/
     """
     from gptlab.limits import Limit, check
@@ -104,35 +107,41 @@ def scale_sweep(recipe: str | None = None, budgets: str = "4e10,1.2e11,4e11,1.2e
     from gptlab.train.pretrain import TrainConfig
 
     check("per_budget", per_budget, Limit(int, 1))
+    check("workers", workers, Limit(int, 0))
     try:
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
         raise GptlabError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
     base = load_recipe(TrainConfig, recipe) if recipe else sw.default_base()
-    records = sw.sweep(base, sw.parse_budgets(budgets), sw.parse_sizes(sizes), Path(out), seed_list, per_budget)
+    records = sw.sweep(base, sw.parse_budgets(budgets), sw.parse_sizes(sizes), Path(out), seed_list, per_budget,
+                       scaling=None if recipe else sw.Scaling(), workers=workers or sw.auto_workers(base))
     print(f"{len(records)} runs in {Path(out) / 'runs.jsonl'}; fit them with `gptlab scale fit {Path(out) / 'runs.jsonl'}`")
     return 0
 
 
 @command("scale run")
 def scale_run(out: str = "scale-study", budgets: str | None = None, target: float | None = None,
-              noise_seeds: int = 3) -> int:
+              noise_seeds: int = 3, workers: int = 0) -> int:
     """The whole study: sweep tiny GPTs on python-docs, fit the law, write the prediction for a budget
     >= 10x the largest fitted one, then train that run and report predicted against observed loss.
-    About 15 minutes on 2 CPU cores with the defaults; resumable. docs/scaling.md explains the output.
+    About 30 minutes on 2 CPU cores with the defaults; resumable. docs/scaling.md explains the output.
 
       gptlab scale run --out study
       gptlab scale run --budgets 1e15,3e15,1e16,3e16 --target 3e17 --out study   # on a GPU
 
     Args:
         out: output dir (-o): sweep/, fit/, prediction.json, target/, result.json, report.md
-        budgets: the fit budgets (default 1e11,3e11,1e12)
-        target: the predicted run's budget (default 1e13, 10x the largest)
+        budgets: the fit budgets (default 3e11,1e12,3e12)
+        target: the predicted run's budget (default 3e13, 10x the largest)
         noise_seeds: seeds of one repeated run, to measure seed noise
+        workers: sweep runs side by side (0: one per CPU core on a CPU, 1 on a GPU)
     """
     from gptlab.scale import sweep as sw
     from gptlab.scale.study import run_study
 
-    run_study(Path(out), sw.parse_budgets(budgets) if budgets else None, target, noise_seeds)
+    from gptlab.limits import Limit, check
+
+    check("workers", workers, Limit(int, 0))
+    run_study(Path(out), sw.parse_budgets(budgets) if budgets else None, target, noise_seeds, workers=workers)
     print((Path(out) / "report.md").read_text())
     return 0

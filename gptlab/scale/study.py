@@ -5,7 +5,8 @@
 3. fit the law (approach 3, bootstrap intervals) on the sweep;
 4. write the prediction for the target budget (>= 10x the largest fitted) to prediction.json, before
    the target run starts: the compute-optimal size, and the loss of the size actually trained (the
-   nearest shape to N_opt) on C / 6N tokens, each with its 95% interval;
+   nearest shape to N_opt) on the tokens the budget buys it, each with its 95% interval, and the recipe
+   the target will train with (the sweep's: Scaling sets its batch, learning rate and warm-up);
 5. train the target and report predicted against observed loss: the relative error, whether it fell in the
    95% prediction interval, and the skill against the baseline "the best loss any sweep run reached".
 """
@@ -25,35 +26,40 @@ from gptlab.scale.fit import fit_law, predict
 from gptlab.scale.report import plot_compute, write_fit
 from gptlab.scale.runs import read_runs
 
-FIT_BUDGETS = [1e11, 3e11, 1e12]  # with the target below, about 15 minutes on 2 CPU cores
-TARGET = 1e13
+FIT_BUDGETS = [3e11, 1e12, 3e12]  # with the target below, about 30 minutes on 2 CPU cores
+TARGET = 3e13
 
 
 def run_study(out: Path, budgets: list[float] | None = None, target: float | None = None, noise_seeds: int = 3,
-              sizes=None, base=None, log=print) -> dict[str, Any]:
+              sizes=None, base=None, scaling: sw.Scaling | None = sw.Scaling(), workers: int = 0,
+              bootstrap: int = 200, log=print) -> dict[str, Any]:
+    """The study; `base` and `scaling` are the recipe of every run, the target's included (default: the sweep's
+    default recipe with its scale rules); `workers`: sweep runs side by side (0: one per CPU core)."""
     budgets = sorted(budgets or FIT_BUDGETS)
     target = target or TARGET
     if target < 10 * budgets[-1]:
         raise GptlabError(f"--target {target:.3g} is less than 10x the largest fitted budget {budgets[-1]:.3g}")
     base = base or sw.default_base()
     sizes = sizes or list(sw.LADDER)
+    workers = workers or sw.auto_workers(base)
     t0 = time.perf_counter()
-    records = sw.sweep(base, budgets, sizes, out / "sweep", log=log)
+    records = sw.sweep(base, budgets, sizes, out / "sweep", scaling=scaling, workers=workers, log=log)
 
-    # seed noise: the run closest to its budget's optimum at the middle budget, with other seeds
+    # seed noise: the best run of the middle budget, again with other seeds
     mid = budgets[len(budgets) // 2]
     at_mid = [r for r in records if r["budget"] == mid and r["seed"] == 0]
     noise = None
     if noise_seeds > 1 and at_mid:
         best = min(at_mid, key=lambda r: r["loss"])
         size = (best["layers"], best["width"], best["heads"])
-        reps = sw.sweep(base, [mid], [size], out / "noise", seeds=tuple(range(noise_seeds)), per_budget=1, log=log)
-        losses = np.array([r["loss"] for r in reps])
+        reps = sw.sweep(base, [mid], [size], out / "noise", seeds=tuple(range(1, noise_seeds)), per_budget=None,
+                        scaling=scaling, workers=workers, log=log)
+        losses = np.array([best["loss"]] + [r["loss"] for r in reps])
         noise = {"budget": mid, "size": sw.size_name(size), "losses": losses.tolist(),
                  "std": float(losses.std(ddof=1)), "rel_std": float(losses.std(ddof=1) / losses.mean())}
 
     runs = read_runs(out / "sweep" / "runs.jsonl", min_runs=6)
-    fit = fit_law(runs, bootstrap=200, progress=False)
+    fit = fit_law(runs, bootstrap=bootstrap, progress=False)
     write_fit(fit, runs, out / "fit")
     d = fit.to_dict()
 
@@ -64,25 +70,21 @@ def run_study(out: Path, budgets: list[float] | None = None, target: float | Non
     optimal = predict(d, flops=target)
     size = sw.nearest_size(optimal["params"], base, vocab)
     n = sw.model_params(base, size, vocab)
-    # the tokens the run will train on: the whole steps the budget buys at its FLOPs per token (attention
-    # included, as the sweep counted them), not C / 6N
-    from gptlab.models import stats
-
-    seq = base.seq_len or base.model.context_length
-    shape = base.model.replace(n_layer=size[0], n_embd=size[1], n_head=size[2], vocab_size=vocab,
-                               intermediate_size=None, head_dim=None, n_kv_head=None)
-    per_step = stats.flops_per_token(shape, seq, training=True) * seq * base.batch_size * base.grad_accum
-    tokens = int(target // per_step) * seq * base.batch_size * base.grad_accum
-    at_size = predict(d, params=n, tokens=tokens)
+    # the tokens the run will train on, with the recipe it will train with: the whole steps the budget buys at
+    # its FLOPs per token (attention included, as the sweep counted them), not C / 6N
+    run = sw.run_config(base, size, target, 0, out / "target", vocab, scaling)
+    at_size = predict(d, params=n, tokens=sw.tokens_bought(run, vocab))
     prediction = {"target_flops": target, "compute_optimal": optimal, "trained_size": sw.size_name(size),
                   "heads": size[2], "predicted": at_size, "fit_budgets": budgets,
+                  "recipe": {"batch_size": run.batch_size, "lr": run.lr, "min_lr": run.min_lr,
+                             "warmup_steps": run.warmup_steps, "optimizer": run.optimizer},
                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "before_target_run": True}
     (out / "prediction.json").write_text(json.dumps(prediction, indent=2) + "\n")
     log(f"prediction for C={target:.3g}: {sw.size_name(size)} (N={n / 1e6:.3f}M) on {at_size['tokens']:,.0f} tokens "
         f"-> loss {at_size['loss']:.4f} (95%: {at_size['prediction_interval'][0]:.4f} .. "
         f"{at_size['prediction_interval'][1]:.4f}); written to prediction.json before the run")
 
-    target_runs = sw.sweep(base, [target], [size], out / "target", per_budget=1, log=log)
+    target_runs = sw.sweep(base, [target], [size], out / "target", per_budget=None, scaling=scaling, log=log)
     observed = target_runs[0]
     lo, hi = at_size["prediction_interval"]
     baseline = float(runs.loss.min())  # "the best loss seen so far"
@@ -120,7 +122,8 @@ def _report(r: dict[str, Any]) -> str:
         f"| skill vs the baseline | {r['skill']:.3f} |" if r["skill"] is not None else "| skill | - |",
         f"| seed noise | {noise['std']:.4f} ({100 * noise['rel_std']:.2f}%) over {len(noise['losses'])} seeds of "
         f"{noise['size']} at {noise['budget']:.3g} |" if noise else "| seed noise | not measured |",
-        f"| wall time | {r['wall_s'] / 60:.1f} min |", "",
+        f"| wall time of this command | {r['wall_s'] / 60:.1f} min (a resumed study counts only what it trained) |",
+        "",
         f"Law: L = {r['fit']['E']:.4f} + {r['fit']['A']:.4g} / N^{r['fit']['alpha']:.4f} + {r['fit']['B']:.4g} / "
         f"D^{r['fit']['beta']:.4f}; N_opt ~ C^{r['fit']['a']:.3f}.", "",
         "Files: prediction.json (written before the target run), result.json, prediction.png, fit/ (the law, its "
