@@ -47,6 +47,10 @@ def plot_compute(fit: Fit, runs: Runs, path: Path, target: dict[str, Any] | None
             ax.plot([target["flops"]], [target["observed"]], "*", color="k", markersize=12, label="observed")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 2.5, 3, ... not 3 x 10^0
+        axis(FormatStrFormatter("%g"))
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3, which="both")
@@ -67,7 +71,10 @@ def plot_isoflops(fit: Fit, runs: Runs, path: Path) -> None:
         order = np.argsort(runs.params[g])
         ax.plot(runs.params[g][order], runs.loss[g][order], "o", color=colour, label=f"C = {C:.2g}")
         N = np.logspace(np.log10(runs.params[g].min() / 1.5), np.log10(runs.params[g].max() * 1.5), 80)
-        ax.plot(N, law_loss(fit.law, N, C / (6 * N)), "-", color=colour, alpha=0.7)
+        # the tokens a run of N gets at this budget: C / 6N shrunk by the runs' own FLOPs per token over 6N
+        # (attention counts too), so the line passes where the law puts the runs
+        over = np.interp(np.log(N), np.log(runs.params[g][order]), (runs.flops / (6 * runs.params * runs.tokens))[g][order])
+        ax.plot(N, law_loss(fit.law, N, C / (6 * N * over)), "-", color=colour, alpha=0.7)
     if fit.approach2:
         for row in fit.approach2["budgets"]:
             ax.plot([row["N_opt"]], [row["loss_opt"]], "x", color="k", markersize=8)
