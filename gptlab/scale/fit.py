@@ -145,15 +145,19 @@ def fit_law(runs: Runs, bootstrap: int = 200, delta: float = 1e-3, starts: int =
     frontier where the runs allow them."""
     if len(runs) < 6:
         raise GptlabError(f"{runs.source or 'the runs'}: {len(runs)} run(s) for a 5-parameter law; give at least 6")
-    lN, lD, lL = np.log(runs.params), np.log(runs.tokens), np.log(runs.loss)
+    # one canonical order, so that the same runs give the same fit whatever order they were written in (the
+    # runs of a parallel sweep land in finishing order): the objective is nearly L1 and flat near its
+    # minimum, where summation order and the bootstrap's draws would otherwise move the result
+    order = np.lexsort((runs.loss, runs.tokens, runs.params, runs.flops))
+    lN, lD, lL = np.log(runs.params[order]), np.log(runs.tokens[order]), np.log(runs.loss[order])
     grid, values = _grid_values(lN, lD, lL, delta)
-    best = _lbfgs(grid[np.argsort(values)[:starts]], lN, lD, lL, delta)
+    best = _lbfgs(grid[np.argsort(values, kind="stable")[:starts]], lN, lD, lL, delta)
     if best is None:
         raise GptlabError("the fit did not converge from any starting point")
     law = _to_law(best)
     lo, hi = grid.min(0), grid.max(0)
     edge = [name for name, x, l, h in zip(("a", "b", "e", "alpha", "beta"), best, lo, hi) if not l <= x <= h]
-    pred = np.log(law_loss(law, runs.params, runs.tokens))
+    residuals = np.log(law_loss(law, runs.params, runs.tokens)) - np.log(runs.loss)  # in the runs' own order
 
     rng = np.random.default_rng(seed)
     samples = []
@@ -165,7 +169,8 @@ def fit_law(runs: Runs, bootstrap: int = 200, delta: float = 1e-3, starts: int =
         # objective is nearly L1, with many local minima; refits from the full fit alone stay near it and
         # give intervals too narrow)
         g, v = _grid_values(lN[idx], lD[idx], lL[idx], delta)
-        p = _lbfgs(np.vstack([best, g[np.argsort(v)[:BOOTSTRAP_STARTS]]]), lN[idx], lD[idx], lL[idx], delta)
+        p = _lbfgs(np.vstack([best, g[np.argsort(v, kind="stable")[:BOOTSTRAP_STARTS]]]), lN[idx], lD[idx], lL[idx],
+                   delta)
         if p is not None:
             s = _to_law(p)
             s.update({k: v for k, v in allocation(s).items() if k in ("a", "b")})
@@ -174,7 +179,7 @@ def fit_law(runs: Runs, bootstrap: int = 200, delta: float = 1e-3, starts: int =
     for k in (*PARAMS, "a", "b"):
         vals = np.array([s[k] for s in samples if math.isfinite(s[k])])
         intervals[k] = [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals) else []
-    return Fit(law, intervals, samples, pred - lL, edge, approach2(runs), frontier(runs), len(runs), delta, starts)
+    return Fit(law, intervals, samples, residuals, edge, approach2(runs), frontier(runs), len(runs), delta, starts)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -50,10 +50,11 @@ def _synthetic(seed: int, noise: float = 0.005) -> tuple[Runs, dict]:
 
 
 def test_a_known_law_is_recovered_within_its_intervals():
-    """95% intervals should hold the truth about 95% of the time: over 4 noise draws, each constant (and the
-    allocation exponent) is inside its interval at least 3 times, and 20 of the 24 times overall."""
-    hits, total = {k: 0 for k in ("E", "A", "B", "alpha", "beta", "a")}, 0
-    for seed in range(4):
+    """95% intervals should hold the truth about 95% of the time. Percentile intervals from 40 resamples hold it
+    a little less often (89% of 96 checks over 16 noise draws when measured); over 8 draws each constant (and
+    the allocation exponent) must be inside its interval at least 6 times, and 42 of the 48 times overall."""
+    hits = {k: 0 for k in ("E", "A", "B", "alpha", "beta", "a")}
+    for seed in range(8):
         runs, truth = _synthetic(seed=seed)
         fit = fit_law(runs, bootstrap=40, seed=seed)
         truth = {**truth, "a": allocation(truth)["a"]}
@@ -61,8 +62,18 @@ def test_a_known_law_is_recovered_within_its_intervals():
             lo, hi = fit.intervals[k]
             hits[k] += lo <= truth[k] <= hi
         assert np.std(fit.residuals) == pytest.approx(0.005, rel=0.35)  # the noise put in
-        total += 1
-    assert all(h >= 3 for h in hits.values()) and sum(hits.values()) >= 20, hits
+    assert all(h >= 6 for h in hits.values()) and sum(hits.values()) >= 42, hits
+
+
+def test_the_fit_does_not_depend_on_the_order_of_the_runs():
+    """A parallel sweep writes its runs in finishing order: the same runs in another order give the same law
+    and intervals, and each residual stays with its own run."""
+    runs, _ = _synthetic(seed=1)
+    perm = np.random.default_rng(0).permutation(len(runs))
+    a, b = fit_law(runs, bootstrap=10), fit_law(runs.subset(perm), bootstrap=10)
+    assert a.law == b.law and a.intervals == b.intervals
+    np.testing.assert_array_equal(a.residuals[perm], b.residuals)
+    np.testing.assert_allclose(a.residuals, np.log(law_loss(a.law, runs.params, runs.tokens) / runs.loss), atol=1e-12)
 
 
 def test_predictions_follow_the_law():
