@@ -79,10 +79,17 @@ def run_study(out: Path, budgets: list[float] | None = None, target: float | Non
                   "recipe": {"batch_size": run.batch_size, "lr": run.lr, "min_lr": run.min_lr,
                              "warmup_steps": run.warmup_steps, "optimizer": run.optimizer},
                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "before_target_run": True}
-    (out / "prediction.json").write_text(json.dumps(prediction, indent=2) + "\n")
-    log(f"prediction for C={target:.3g}: {sw.size_name(size)} (N={n / 1e6:.3f}M) on {at_size['tokens']:,.0f} tokens "
-        f"-> loss {at_size['loss']:.4f} (95%: {at_size['prediction_interval'][0]:.4f} .. "
-        f"{at_size['prediction_interval'][1]:.4f}); written to prediction.json before the run")
+    if sw.run_name(target, size, 0) in sw.finished_runs(out / "target"):
+        # a resumed study whose target has already trained: the prediction that counts is the one on disk,
+        # written before that run; a new one written now would not be a prediction
+        prediction = _kept_prediction(out / "prediction.json", target, size)
+        at_size = prediction["predicted"]
+        log(f"the target run has finished: kept prediction.json, written at {prediction['written_at']} before it")
+    else:
+        (out / "prediction.json").write_text(json.dumps(prediction, indent=2) + "\n")
+        log(f"prediction for C={target:.3g}: {sw.size_name(size)} (N={n / 1e6:.3f}M) on {at_size['tokens']:,.0f} "
+            f"tokens -> loss {at_size['loss']:.4f} (95%: {at_size['prediction_interval'][0]:.4f} .. "
+            f"{at_size['prediction_interval'][1]:.4f}); written to prediction.json before the run")
 
     target_runs = sw.sweep(base, [target], [size], out / "target", per_budget=None, scaling=scaling, log=log)
     observed = target_runs[0]
@@ -105,6 +112,20 @@ def run_study(out: Path, budgets: list[float] | None = None, target: float | Non
                          "prediction_interval": [lo, hi], "observed": observed["loss"]})
     (out / "report.md").write_text(_report(result), encoding="utf-8")
     return result
+
+
+def _kept_prediction(path: Path, target: float, size: tuple[int, int, int]) -> dict[str, Any]:
+    try:
+        kept = json.loads(path.read_text())
+        ok = (kept["target_flops"] == target and kept["trained_size"] == sw.size_name(size)
+              and all(k in kept["predicted"] for k in ("loss", "interval", "prediction_interval")))
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise GptlabError(f"{path.parent / 'target'} holds a finished target run but {path} is missing or is not "
+                          f"its prediction ({sw.size_name(size)} at {target:.3g} FLOPs): remove "
+                          f"{path.parent / 'target'} to predict and train the target again")
+    return kept
 
 
 def _report(r: dict[str, Any]) -> str:

@@ -159,6 +159,15 @@ def heldout_loss(model_dir: Path, data_dir: Path, seq_len: int, rows: int = 64) 
     return total / count
 
 
+def run_name(budget: float, size: tuple[int, int, int], seed: int) -> str:
+    return f"C{budget:.3g}-{size_name(size)}-s{seed}"
+
+
+def finished_runs(out: Path) -> dict[str, dict]:
+    """The records in out/runs.jsonl by run name: the runs a sweep into `out` will skip."""
+    return _done(out / "runs.jsonl")
+
+
 def _done(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
@@ -220,7 +229,7 @@ def _sweep(base, budgets, sizes, out, seeds, per_budget, scaling, workers, log):
                           "these budgets")
     runs_file = out / "runs.jsonl"
     done = _done(runs_file)
-    names = [f"C{budget:.3g}-{size_name(size)}-s{seed}" for budget, size, seed in plan]
+    names = [run_name(budget, size, seed) for budget, size, seed in plan]
     todo = [(name, run_config(base, size, budget, seed, out / "runs" / name, vocab, scaling), budget, size)
             for name, (budget, size, seed) in zip(names, plan) if name not in done]
     finished = len(plan) - len(todo)

@@ -147,3 +147,15 @@ def test_study_predicts_before_the_target_runs_with_the_same_recipe(tmp_path, py
     assert len(result["seed_noise"]["losses"]) == 2 and math.isfinite(result["seed_noise"]["rel_std"])
     assert (tmp_path / "st" / "report.md").read_text().count("| observed loss |") == 1
     assert (tmp_path / "st" / "prediction.png").read_bytes()[:4] == b"\x89PNG"
+
+    # resumed after the target trained: the prediction written before that run is kept, never rewritten
+    before = (tmp_path / "st" / "prediction.json").read_text()
+    monkeypatch.setattr(sw, "train_run", lambda cfg, threads=0: pytest.fail("a finished run was trained again"))
+    again = study.run_study(tmp_path / "st", [5e8, 1e9, 2e9], 2e10, noise_seeds=2, sizes=sizes, base=base,
+                            scaling=rule, workers=1, bootstrap=10, log=lambda m: None)
+    assert (tmp_path / "st" / "prediction.json").read_text() == before
+    assert (again["predicted"], again["observed"]) == (result["predicted"], result["observed"])
+    (tmp_path / "st" / "prediction.json").write_text("{}")
+    with pytest.raises(GptlabError, match="is not its prediction"):
+        study.run_study(tmp_path / "st", [5e8, 1e9, 2e9], 2e10, noise_seeds=2, sizes=sizes, base=base,
+                        scaling=rule, workers=1, bootstrap=10, log=lambda m: None)
