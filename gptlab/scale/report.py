@@ -47,16 +47,24 @@ def plot_compute(fit: Fit, runs: Runs, path: Path, target: dict[str, Any] | None
             ax.plot([target["flops"]], [target["observed"]], "*", color="k", markersize=12, label="observed")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
-
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 2.5, 3, ... not 3 x 10^0
-        axis(FormatStrFormatter("%g"))
+    _plain_log_ticks(ax)
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plain_log_ticks(ax) -> None:
+    """A log loss axis spans less than a decade: label it at round values (2.2, 2.4, ...), not 3 x 10^0."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
+
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in MaxNLocator(8).tick_values(lo, hi) if lo <= t <= hi]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
 
 
 def plot_isoflops(fit: Fit, runs: Runs, path: Path) -> None:
@@ -92,7 +100,8 @@ def plot_isoflops(fit: Fit, runs: Runs, path: Path) -> None:
 def plot_residuals(fit: Fit, runs: Runs, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 3.6), constrained_layout=True)
-    ax.scatter(runs.flops, 100 * (np.exp(fit.residuals) - 1), c=np.log10(runs.params), cmap="viridis", s=16)
+    sc = ax.scatter(runs.flops, 100 * (np.exp(fit.residuals) - 1), c=np.log10(runs.params), cmap="viridis", s=16)
+    fig.colorbar(sc, ax=ax, label="log10 parameters")
     ax.axhline(0, color="k", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
