@@ -2,6 +2,8 @@
 
     python bench/bench_inference.py                 # decode fp32, bf16, int8, int4; forward 8x1024
     python bench/bench_inference.py --quick         # fewer tokens, for a smoke run
+    python bench/bench_inference.py --long          # + decode after 1K and 4K tokens of context, rotary model
+    GPTLAB_ISA=avx2 python bench/bench_inference.py # the AVX2 kernels on an AVX-512 machine (gptlab/kernels)
 
 Batch-1 decode: 32-token prompt, 128 new tokens, greedy (both stop only at max_new_tokens). Forward
 throughput: 8 x 1024 tokens, no grad. Prints tokens/s for each and gptlab / transformers; int8 and int4
@@ -9,6 +11,11 @@ throughput: 8 x 1024 tokens, no grad. Prints tokens/s for each and gptlab / tran
 Decode reads every weight once per token, so its limit is the machine's read bandwidth (measured first: a
 sum over 1 GiB, best of 3) over the bytes of weights a token reads; each gptlab decode figure is also printed
 as a share of that limit. GPTLAB_KERNELS=0 runs gptlab on plain F.linear (see gptlab/kernels).
+
+--long: a rotary, grouped-query model (Qwen3's layout at GPT-2 small's size: 12 layers, 768 wide, 12 query and
+4 key-value heads, vocabulary 32,000), bf16, decode of 32 tokens after a prompt of 1,024 and 4,096 tokens (the
+prefill is timed apart and left out); the limit then counts the KV cache a token reads as well as the weights,
+and "attention" is the share of the decode time that the long context adds over a 64-token context.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--quantize", default="int8,int4", help="gptlab's integer schemes ('' = none)")
     ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--long", action="store_true", help="also decode after 1K and 4K tokens of context (rotary model)")
+    ap.add_argument("--only-long", action="store_true", help="only the --long part")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,13 +87,17 @@ def main() -> None:
     print("gptlab cpu kernels: " + kernels.summary())
     bw = read_bandwidth()
     print(f"read bandwidth: {bw / 1e9:.1f} GB/s (sum over 1 GiB, {torch.get_num_threads()} threads)")
-    print(f"{'benchmark':<28}{'transformers tok/s':>20}{'gptlab tok/s':>16}{'ratio':>8}  gptlab share of limit",
+    print(f"{'benchmark':<34}{'transformers tok/s':>20}{'gptlab tok/s':>16}{'ratio':>8}  gptlab share of limit",
           flush=True)
 
     def report(label: str, a: float, b: float, limit: float | None = None) -> None:
         share = f"  {100 * b / limit:.0f}% of {limit:.0f} tok/s" if limit else ""
-        print(f"{label:<28}{a:>20.1f}{b:>16.1f}{b / a:>7.2f}x{share}", flush=True)
+        print(f"{label:<34}{a:>20.1f}{b:>16.1f}{b / a:>7.2f}x{share}", flush=True)
 
+    if args.long or args.only_long:
+        long_context(bw, report, args.quick)
+    if args.only_long:
+        return
     schemes = [(n, None) for n in args.dtypes.split(",") if n] + [("float32", q) for q in args.quantize.split(",") if q]
     hf_times: dict[str, float] = {}
     for name, quant in schemes:
@@ -123,6 +136,62 @@ def main() -> None:
             fwd_hf(), fwd_ours()
             t_hf, t_ours = _median_time(fwd_hf, repeats), _median_time(fwd_ours, repeats)
             report(f"forward {x.shape[0]}x{x.shape[1]} {label}{vs}", x.numel() / t_hf, x.numel() / t_ours)
+
+
+def long_context(bw: float, report, quick: bool) -> None:
+    """Decode after long prompts on a Qwen3-layout model, gptlab vs transformers, bf16."""
+    import transformers
+
+    import gptlab
+    from gptlab.infer.generate import engine_for
+    from gptlab.infer.sampling import Sampling
+
+    cfg = transformers.Qwen3Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                   num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                                   max_position_embeddings=8192, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval().to(torch.bfloat16)
+    path = tempfile.mkdtemp(prefix="bench-qwen3-")
+    hf.save_pretrained(path)
+    ours = gptlab.load(path, dtype=torch.bfloat16)
+    n = 8 if quick else 32
+    weights = sum(p.numel() * p.element_size() for name, p in ours.named_parameters() if name != "wte.weight")
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16 bytes
+    print(f"\nlong context: Qwen3 layout, 12 x 768, 12 / 4 heads, vocab 32,000, bf16; decode {n} tokens after the "
+          f"prompt (prefill timed apart)", flush=True)
+
+    def hf_decode(prompt) -> float:
+        """tokens/s of n greedy single-token forwards after the prompt's prefill (its KV cache kept)."""
+        with torch.inference_mode():
+            out = hf(prompt, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = hf(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            return n / (time.perf_counter() - t0)
+
+    def our_decode(prompt) -> float:
+        """tokens/s of n engine steps after the step that prefilled the prompt and sampled its first token."""
+        s = Sampling(max_new_tokens=n + 1, eos_id=[])
+        engine = engine_for(ours, None, [prompt.shape[1]], s)
+        rid = engine.add_request(prompt[0].tolist(), s)
+        while not engine.output(rid).outputs[0].token_ids:
+            engine.step()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        return n / (time.perf_counter() - t0)
+
+    short = None
+    for length in (64, 1024, 4096):
+        prompt = torch.randint(0, 32000, (1, length), generator=torch.Generator().manual_seed(length))
+        a, b = hf_decode(prompt), our_decode(prompt)
+        limit = bw / (weights + kv_per_token * length)
+        short = short or 1 / b
+        report(f"decode after {length} bf16", a, b, limit)
+        if length > 64:
+            print(" " * 34 + f"(the context adds {100 * (1 - short * b):.0f}% to gptlab's time per token)", flush=True)
 
 
 if __name__ == "__main__":
