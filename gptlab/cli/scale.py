@@ -124,7 +124,7 @@ def scale_run(out: str = "scale-study", budgets: str | None = None, target: floa
               noise_seeds: int = 3, workers: int = 0) -> int:
     """The whole study: sweep tiny GPTs on python-docs, fit the law, write the prediction for a budget
     >= 10x the largest fitted one, then train that run and report predicted against observed loss.
-    About 30 minutes on 2 CPU cores with the defaults; resumable. docs/scaling.md explains the output.
+    About 15 minutes on 2 CPU cores with the defaults; resumable. docs/scaling.md explains the output.
 
       gptlab scale run --out study
       gptlab scale run --budgets 1e15,3e15,1e16,3e16 --target 3e17 --out study   # on a GPU

@@ -26,7 +26,7 @@ from gptlab.scale.fit import fit_law, predict
 from gptlab.scale.report import plot_compute, write_fit
 from gptlab.scale.runs import read_runs
 
-FIT_BUDGETS = [3e11, 1e12, 3e12]  # with the target below, about 30 minutes on 2 CPU cores
+FIT_BUDGETS = [3e11, 1e12, 3e12]  # with the target below, about 15 minutes on 2 CPU cores
 TARGET = 3e13
 
 
