@@ -29,8 +29,9 @@ from gptlab.models.kvcache import KVCache, attention_bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; without autograd on the CPU, the faster kernel for the shape (gptlab/kernels: decode GEMV)."""
-    if not torch.is_grad_enabled():
+    """F.linear; without autograd on the CPU, the faster kernel for the shape (gptlab/kernels: decode GEMV).
+    Under torch.compile always F.linear: the compiler fuses it, and a ctypes call would break its graph."""
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         y = kernels.cpu_linear(x, weight, bias)  # None off the CPU or where no kernel beats F.linear
         if y is not None:
             return y
