@@ -174,8 +174,21 @@ def test_predict_refuses_unclear_requests(tmp_path, capsys, args, says):
 
 @pytest.mark.parametrize("args, says", [(["--budgets", "1e9,abc"], "--budgets takes comma-separated"),
                                         (["--sizes", "4by64"], "--sizes takes LAYERSxWIDTH"),
-                                        (["--seeds", "a"], "--seeds takes comma-separated integers")])
+                                        (["--seeds", "a"], "--seeds takes comma-separated integers"),
+                                        (["--workers", "-1"], "workers must be an integer >= 0"),
+                                        (["--per-budget", "0"], "per-budget must be an integer >= 1")])
 def test_sweep_refuses_bad_options_before_training(tmp_path, capsys, args, says):
     assert main(["scale", "sweep", *args, "--out", str(tmp_path / "sw")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and says in err, err
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("args, says", [(["--workers", "-2"], "workers must be an integer >= 0"),
+                                        (["--target", "1e12"], "less than 10x the largest fitted budget"),
+                                        (["--budgets", "1e11,x"], "--budgets takes comma-separated")])
+def test_study_refuses_bad_options_before_training(tmp_path, capsys, args, says):
+    assert main(["scale", "run", *args, "--out", str(tmp_path / "st")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and says in err, err
+    assert not (tmp_path / "st").exists()
