@@ -290,6 +290,17 @@ def gguf_weight_and_bias(ours: str, theirs: str | tuple[str, ...]) -> list[tuple
     return [(f"{ours}.{p}", tuple(f"{t}.{p}" for t in theirs)) for p in ("weight", "bias")]
 
 
+def gguf_fused_block_rows() -> list[tuple[str, tuple[str, ...]]]:
+    """GGUFSpec rows of a model with biased LayerNorms, one fused qkv and a two-layer MLP (llama.cpp's gpt2 and
+    gptneox graphs name them alike): every block, the final norm and the head; embeddings are the caller's."""
+    rows = [("blocks.{i}.norm_1", "blk.{i}.attn_norm"), ("blocks.{i}.attn.qkv", "blk.{i}.attn_qkv"),
+            ("blocks.{i}.attn.proj", "blk.{i}.attn_output"), ("blocks.{i}.norm_2", "blk.{i}.ffn_norm"),
+            ("blocks.{i}.mlp.fc", "blk.{i}.ffn_up"), ("blocks.{i}.mlp.proj", "blk.{i}.ffn_down"),
+            ("norm_f", "output_norm")]
+    return [row for ours, theirs in rows for row in gguf_weight_and_bias(ours, theirs)] + [
+        ("lm_head.weight", ("output.weight",))]
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str  # HF config.json "model_type"

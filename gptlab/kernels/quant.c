@@ -93,6 +93,23 @@ static void quantize_row(const float *x, int64_t K, qrow *out) {
     out->corr = _mm512_loadu_si512(corr);
 }
 
+/* Every row of X (M x K, M >= 1) rounded once, before the threads share out the weight rows. */
+static qrow *quantize_rows(const float *X, int64_t M, int64_t K) {
+    int64_t Kp = (K + 63) / 64 * 64;
+    qrow *xs = (qrow *)aligned_alloc(64, sizeof(qrow) * M);
+    int8_t *q = (int8_t *)aligned_alloc(64, (size_t)(M * Kp));
+    for (int64_t m = 0; m < M; m++) {
+        xs[m].q = q + m * Kp;
+        quantize_row(X + m * K, K, xs + m);
+    }
+    return xs;
+}
+
+static void free_rows(qrow *xs) {
+    free(xs[0].q);  /* the one buffer every row points into */
+    free(xs);
+}
+
 static inline void q8_rows_vnni(const int8_t *W, const float *scale, const float *b, const qrow *x, float *y,
                                 int64_t r, int64_t n_rows, int64_t K, const int8_t *next) {
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
@@ -118,20 +135,15 @@ static inline void q8_rows_vnni(const int8_t *W, const float *scale, const float
 
 void gptlab_linear_q8(const float *X, const int8_t *W, const float *scale, const float *b, float *Y, int64_t M,
                       int64_t N, int64_t K) {
-    int64_t blocks = (N + 3) / 4, Kp = (K + 63) / 64 * 64;
-    qrow *xs = (qrow *)aligned_alloc(64, sizeof(qrow) * M);
-    int8_t *q = (int8_t *)aligned_alloc(64, (size_t)(M * Kp));
-    for (int64_t m = 0; m < M; m++) {
-        xs[m].q = q + m * Kp;
-        quantize_row(X + m * K, K, xs + m);
-    }
+    int64_t blocks = (N + 3) / 4;
+    qrow *xs = quantize_rows(X, M, K);
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t r = blk * 4, n_rows = N - r < 4 ? N - r : 4;
         const int8_t *next = r + 8 <= N ? W + (r + 4) * K : 0;
         for (int64_t m = 0; m < M; m++) q8_rows_vnni(W, scale, b, xs + m, Y + m * N, r, n_rows, K, m ? 0 : next);
     }
-    free(q), free(xs);
+    free_rows(xs);
 }
 #else
 void gptlab_linear_q8(const float *X, const int8_t *W, const float *scale, const float *b, float *Y, int64_t M,
@@ -245,20 +257,15 @@ static inline void q4_rows_vnni(const uint8_t *W, const float *scale, const floa
 
 void gptlab_linear_q4(const float *X, const uint8_t *W, const float *scale, const float *b, float *Y, int64_t M,
                       int64_t N, int64_t K) {
-    int64_t blocks = (N + 3) / 4, Kp = (K + 63) / 64 * 64;
-    qrow *xs = (qrow *)aligned_alloc(64, sizeof(qrow) * M);
-    int8_t *q = (int8_t *)aligned_alloc(64, (size_t)(M * Kp));
-    for (int64_t m = 0; m < M; m++) {
-        xs[m].q = q + m * Kp;
-        quantize_row(X + m * K, K, xs + m);
-    }
+    int64_t blocks = (N + 3) / 4;
+    qrow *xs = quantize_rows(X, M, K);
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t r = blk * 4, n_rows = N - r < 4 ? N - r : 4;
         const uint8_t *next = r + 8 <= N ? W + (r + 4) * (K / 2) : 0;
         for (int64_t m = 0; m < M; m++) q4_rows_vnni(W, scale, b, xs + m, Y + m * N, r, n_rows, K, m ? 0 : next);
     }
-    free(q), free(xs);
+    free_rows(xs);
 }
 #else
 void gptlab_linear_q4(const float *X, const uint8_t *W, const float *scale, const float *b, float *Y, int64_t M,

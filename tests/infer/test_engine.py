@@ -36,14 +36,20 @@ def _alone(model, prompt, s):
     return generate_ids(model, [prompt], sampling=s)[0]
 
 
-def _run(engine: Engine, arrivals: dict[int, list[tuple[list[int], Sampling]]]) -> dict[str, list[int]]:
-    """Add requests at the given step numbers, run to the end; {request id: tokens}, in arrival order."""
+def drive(engine: Engine, arrivals: dict[int, list[tuple[list[int], Sampling]]]) -> tuple[list[str], int]:
+    """Add requests at the given step numbers, run to the end; the request ids in arrival order, and the steps."""
     order, step = [], 0
     while arrivals or engine.has_unfinished():
         for prompt, s in arrivals.pop(step, []):
             order.append(engine.add_request(prompt, s))
         engine.step()
         step += 1
+    return order, step
+
+
+def _run(engine: Engine, arrivals: dict[int, list[tuple[list[int], Sampling]]]) -> dict[str, list[int]]:
+    """drive(): {request id: tokens}, in arrival order."""
+    order, _ = drive(engine, arrivals)
     return {r: engine.output(r).outputs[0].token_ids for r in order}
 
 

@@ -17,6 +17,7 @@ from gptlab.infer.sampling import Sampling
 from gptlab.infer.speculative import check_draft, speculative_generate
 from gptlab.models.config import Config
 from gptlab.models.model import GPT
+from tests.infer.test_engine import drive
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,14 +47,9 @@ def _prompts(n: int, seed: int, vocab: int = 61, longest: int = 40) -> list[list
 
 
 def _run(engine: Engine, arrivals: dict[int, list[tuple[list[int], Sampling]]]) -> tuple[list, int]:
-    """Add requests at the given step numbers, run to the end; their outputs in arrival order, and the steps."""
-    order, step = [], 0
-    while arrivals or engine.has_unfinished():
-        for prompt, s in arrivals.pop(step, []):
-            order.append(engine.add_request(prompt, s))
-        engine.step()
-        step += 1
-    return [engine.output(r).outputs[0] for r in order], step
+    """drive(): the outputs in arrival order, and the steps."""
+    order, steps = drive(engine, arrivals)
+    return [engine.output(r).outputs[0] for r in order], steps
 
 
 def _arrivals(prompts, samplings):

@@ -3,7 +3,7 @@
 transformers' GPT2LMHeadModel stores q, k and v fused in `c_attn` and every weight as a Conv1D (in, out).
 """
 
-from gptlab.formats.family import (ACTIVATIONS, Family, GGUFSpec, Key, Refuse, WeightRow, gguf_weight_and_bias, keys,
+from gptlab.formats.family import (ACTIVATIONS, Family, GGUFSpec, Key, Refuse, WeightRow, gguf_fused_block_rows, keys,
                                   weight_and_bias)
 
 
@@ -35,13 +35,7 @@ CONFIG = (
 # scores scaled by 1/sqrt(head_dim) alone
 GGUF = GGUFSpec("gpt2", tuple(
     [("wte.weight", ("token_embd.weight",)), ("wpe.weight", ("position_embd.weight",))]
-    + gguf_weight_and_bias("blocks.{i}.norm_1", "blk.{i}.attn_norm")
-    + gguf_weight_and_bias("blocks.{i}.attn.qkv", "blk.{i}.attn_qkv")
-    + gguf_weight_and_bias("blocks.{i}.attn.proj", "blk.{i}.attn_output")
-    + gguf_weight_and_bias("blocks.{i}.norm_2", "blk.{i}.ffn_norm")
-    + gguf_weight_and_bias("blocks.{i}.mlp.fc", "blk.{i}.ffn_up")
-    + gguf_weight_and_bias("blocks.{i}.mlp.proj", "blk.{i}.ffn_down")
-    + gguf_weight_and_bias("norm_f", "output_norm") + [("lm_head.weight", ("output.weight",))]),
+    + gguf_fused_block_rows()),
     requires=(("activation", ("gelu_new", "gelu")), ("scale_attn", (True,)), ("scale_attn_by_layer", (False,))))
 
 FAMILIES = [Family("gpt2", causal_lm="GPT2LMHeadModel", sequence_classifier="GPT2ForSequenceClassification",

@@ -1,7 +1,7 @@
 """GPT-NeoX / Pythia (EleutherAI): partial rotary positions, parallel (or sequential) residual, exact GELU,
 q/k/v fused per head."""
 
-from gptlab.formats.family import (ACTIVATIONS, Family, GGUFSpec, Key, Rope, WeightRow, fixed, gguf_weight_and_bias,
+from gptlab.formats.family import (ACTIVATIONS, Family, GGUFSpec, Key, Rope, WeightRow, fixed, gguf_fused_block_rows,
                                   keys, weight_and_bias)
 
 
@@ -41,13 +41,7 @@ def _gguf_hparams(w, c) -> None:
 # its tanh form (Pythia's exact erf is approximated); every bias and output.weight are required
 GGUF = GGUFSpec("gptneox", tuple(
     [("wte.weight", ("token_embd.weight",))]
-    + gguf_weight_and_bias("blocks.{i}.norm_1", "blk.{i}.attn_norm")
-    + gguf_weight_and_bias("blocks.{i}.attn.qkv", "blk.{i}.attn_qkv")
-    + gguf_weight_and_bias("blocks.{i}.attn.proj", "blk.{i}.attn_output")
-    + gguf_weight_and_bias("blocks.{i}.norm_2", "blk.{i}.ffn_norm")
-    + gguf_weight_and_bias("blocks.{i}.mlp.fc", "blk.{i}.ffn_up")
-    + gguf_weight_and_bias("blocks.{i}.mlp.proj", "blk.{i}.ffn_down")
-    + gguf_weight_and_bias("norm_f", "output_norm") + [("lm_head.weight", ("output.weight",))]),
+    + gguf_fused_block_rows()),
     requires=(("activation", ("gelu", "gelu_new")),), head_required=True, biases_required=True,
     hparams=_gguf_hparams)
 
