@@ -64,12 +64,15 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+def shaped(model, size: tuple[int, int, int]):
+    """The model settings with this (layers, width, heads); MLP width, head size and kv heads follow from them."""
+    return model.replace(n_layer=size[0], n_embd=size[1], n_head=size[2], intermediate_size=None, head_dim=None,
+                         n_kv_head=None)
+
+
 def model_params(base, size: tuple[int, int, int], vocab: int) -> int:
     """N of a size: non-embedding parameters + the head."""
-    layers, width, heads = size
-    config = base.model.replace(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, intermediate_size=None,
-                                head_dim=None, n_kv_head=None)
-    counts = stats.count_params(config)
+    counts = stats.count_params(shaped(base.model, size).replace(vocab_size=vocab))
     return counts["non_embedding"] + counts["head"]
 
 
@@ -115,10 +118,8 @@ def run_config(base, size: tuple[int, int, int], budget: float, seed: int, out_d
     """The TrainConfig of one budgeted run: `base` with this size, budget and seed, and with `scaling` the
     batch, learning rate and warm-up of this scale (None: the base's own, as a user's recipe gives them)."""
     cfg = dataclasses.replace(
-        base, model=base.model.replace(n_layer=size[0], n_embd=size[1], n_head=size[2], intermediate_size=None,
-                                       head_dim=None, n_kv_head=None),
-        max_flops=budget, seed=seed, out_dir=str(out_dir), quiet=True, sample_tokens=0, eval_every=0,
-        overwrite=True, resume=False)
+        base, model=shaped(base.model, size), max_flops=budget, seed=seed, out_dir=str(out_dir), quiet=True,
+        sample_tokens=0, eval_every=0, overwrite=True, resume=False)
     if scaling is None:
         return cfg
     lr = scaling.lr(size[1])
