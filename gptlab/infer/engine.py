@@ -298,19 +298,23 @@ class Engine:
             if seq.pending == 0:  # all its tokens have keys and values: it samples the next one
                 sampling.append(seq)
                 last.append(seg.start + n - 1)
-        deltas = self._verify(hidden, verify) if verify else []
-        return deltas + (self._sample(hidden, sampling, last) if sampling else [])
+        # one pass through the head for every row that needs logits: it reads the vocabulary-sized weights once
+        checked = [r for _, seg, _ in verify for r in range(seg.start, seg.start + seg.length)]
+        if not checked and not last:
+            return []
+        logits = self.model.lm_head(hidden[0, torch.tensor(checked + last, device=self.device)])  # (rows, V)
+        deltas = self._verify(logits[:len(checked)], verify) if verify else []
+        return deltas + (self._sample(logits[len(checked):], sampling) if sampling else [])
 
     def _lookahead(self, seq: Sequence) -> int:
         """Proposals a decoding sequence takes this step (the scheduler's question): k, fewer near its max_tokens
         (a step's last token is the target's own), none for requests the rule cannot honour exactly."""
         return min(self.config.draft_tokens, seq.data.max_len - len(seq) - 1) if seq.data.speculate else 0
 
-    def _verify(self, hidden: torch.Tensor, verify: list) -> list[Delta]:
-        """The target's verdict on each sequence's [pending token, proposals]: the kept proposals and one token
-        of its own, cut where plain decoding would stop (EOS, a stop string, max_tokens, the context)."""
-        rows = [r for _, seg, _ in verify for r in range(seg.start, seg.start + seg.length)]
-        logits = self.model.lm_head(hidden[0, torch.tensor(rows, device=self.device)])  # (rows, V)
+    def _verify(self, logits: torch.Tensor, verify: list) -> list[Delta]:
+        """The target's verdict on each sequence's [pending token, proposals] (logits: their rows, in order): the
+        kept proposals and one token of its own, cut where plain decoding would stop (EOS, a stop string,
+        max_tokens, the context)."""
         deltas, at = [], 0
         for seq, seg, d in verify:
             new, kept = self.drafter.accept(logits[at:at + seg.length], d, seq.data)
@@ -319,8 +323,8 @@ class Engine:
             deltas.append(self._advance(seq, new, None, computed=seg.context + 1 + kept))
         return deltas
 
-    def _sample(self, hidden: torch.Tensor, sampling: list[Sequence], last: list[int]) -> list[Delta]:
-        logits = self.model.lm_head(hidden[0, torch.tensor(last, device=self.device)])  # (R, V)
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> list[Delta]:
+        """The next token of each sequence (logits: their last rows, in order)."""
         masked = []
         for i, q in enumerate(sampling):
             q.data.masked = q.data.matcher is not None and not q.data.think.inside  # reasoning runs free

@@ -61,7 +61,7 @@ class PagedCache:
             slots += [s.block_table[i // bs] * bs + i % bs for i in p]
         self.n = len(pos)
         self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
-        self.slot_blocks, self.slot_offsets = self.slots // bs, self.slots % bs
+        self._slot_index = None  # (blocks, offsets) of the slots, for _store_keys: decode-only steps never ask
         self._segments = segments
         decode = [s for s in segments if s.length == 1]
         self.prefill = [s for s in segments if s.length > 1]
@@ -107,7 +107,9 @@ class PagedCache:
         """k (N, nkv, hs): the step's new keys, into their slots of the K pool (in pairs of dimensions)."""
         if k.shape[-1] != 2 * self.pairs:
             k = F.pad(k, (0, 1))  # an odd head size: a zero completes the last pair
-        pool.permute(0, 3, 1, 2, 4)[self.slot_blocks, self.slot_offsets] = k.unflatten(-1, (self.pairs, 2))
+        if self._slot_index is None:
+            self._slot_index = (self.slots // self.block_size, self.slots % self.block_size)
+        pool.permute(0, 3, 1, 2, 4)[self._slot_index] = k.unflatten(-1, (self.pairs, 2))
 
     def _first_keys(self, window: int) -> torch.Tensor:
         """(R,): each decode row's first visible key under a local window (0 without one)."""

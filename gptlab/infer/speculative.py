@@ -170,14 +170,13 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int =
     capacity = len(prompt) + max_new_tokens + k + 1
     tc, dc = (DenseCache.for_model(m, 1, min(capacity, m.config.context_length)) for m in (target, draft))
     gen = torch.Generator(device=device).manual_seed(seed if seed is not None else torch.seed())
-    greedy = temperature == 0
     rule = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
     V = draft.config.vocab_size
 
     def pick(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        if greedy:
+        if rule.greedy:
             return int(logits.argmax()), None
-        probs = distribution(logits, temperature, top_k, top_p)
+        probs = _distribution(logits, rule)
         return int(torch.multinomial(probs, 1, generator=gen)), probs
 
     def ids(tokens: list[int], vocab: int | None = None) -> torch.Tensor:
@@ -205,7 +204,7 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int =
         scores = target(ids(t_pending + proposals), cache=tc)[0, -len(proposals) - 1:]  # (n + 1, V)
         rounds += 1
         proposed += n
-        new, kept = accept(scores, proposals, torch.stack(qs) if qs and not greedy else None, rule, gen)
+        new, kept = accept(scores, proposals, torch.stack(qs) if qs and not rule.greedy else None, rule, gen)
         accepted += kept
         # keep in each cache what it read of the accepted tokens; the last new token is read next round
         tc.filled = base + len(t_pending) + kept
@@ -247,7 +246,7 @@ class Drafter:
     """
 
     def __init__(self, draft, k: int, num_blocks: int, block_size: int) -> None:
-        self.model, self.k = draft.eval(), k
+        self.model = draft.eval()
         w = draft.wte.weight
         self.device, self.vocab = w.device, draft.config.vocab_size
         self.cache = PagedCache(draft.config, num_blocks, block_size, w.dtype, w.device)
