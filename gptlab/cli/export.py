@@ -68,11 +68,9 @@ def export_command(model: str, out: str | None = None, format: Literal["gguf", "
 
 def _stored_scheme(path: Path) -> str | None:
     """int8 / int4 for a gptlab-quantized dir, else None."""
-    from gptlab.formats.files import read_json
-    from gptlab.formats.quantized import read_block
+    from gptlab.formats.quantized import stored_in
 
-    f = path / "config.json"
-    stored = read_block(read_json(f), str(f)) if f.is_file() else None
+    stored = stored_in(path)
     return stored.scheme if stored else None
 
 

@@ -16,8 +16,7 @@ from gptlab.cli import command
 from gptlab.dtypes import parse_dtype
 from gptlab.errors import GptlabError
 from gptlab.formats import hf
-from gptlab.formats.files import read_json
-from gptlab.formats.quantized import read_block
+from gptlab.formats.quantized import stored_in
 from gptlab.formats.quantized import weight_bytes as quantized_bytes
 from gptlab.models.config import Config
 from gptlab.models.describe import context_str, heads_str, mlp_str, norm_str, params_str, positions_str
@@ -171,7 +170,7 @@ def info(model: str, seq_len: int | None = None, batch_size: int = 1) -> None:
         config, dtype_name = Config.from_name(model), "bfloat16"
     else:
         config, dtype_name = hf.read_config(path), _checkpoint_dtype(path)
-        stored = read_block(read_json(path / "config.json"), str(path / "config.json"))
+        stored = stored_in(path)
     dtype = parse_dtype(dtype_name)
     seq = config.context_length if seq_len is None else seq_len
     if seq < 1 or batch_size < 1:

@@ -102,6 +102,16 @@ def read_block(raw: dict[str, Any], where: str) -> Stored | None:
     return Stored(scheme, family, dict(modules))
 
 
+def stored_in(model_dir) -> Stored | None:
+    """read_block of a model dir's config.json (None when the dir has none, or no quantization_config)."""
+    from pathlib import Path
+
+    from gptlab.formats.files import read_json
+
+    f = Path(model_dir) / "config.json"
+    return read_block(read_json(f), str(f)) if f.is_file() else None
+
+
 def prepare(model: nn.Module, stored: Stored, where: str) -> set[str]:
     """Swap each layer `stored` names in a model on the meta device for an empty QuantLinear of its scheme, as
     gptlab.models.quant.quantize would; returns the state-dict names of their integers and scales, which are
